@@ -1,0 +1,182 @@
+"""Circuit-Merge parameters: names, defaults, ranges and validation.
+
+This is the single source of truth for every front end (mergekit 0.1.5, mergekit
+0.1.4, the ``circuit-merge`` command line): they all validate through
+:func:`check_parameter` and build a :class:`CircuitParams`. Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class ParameterInfo:
+    """One recipe parameter: its name, default, allowed range and meaning."""
+
+    name: str
+    kind: type
+    default: Any
+    range_text: str
+    meaning: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    high_inclusive: bool = True
+
+    def check(self, value: Any) -> Any:
+        """Return ``value`` converted to ``kind``, or raise a ValueError naming it."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError(f"{self.name} must be true or false, got {value!r}")
+        if self.kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    return int(value)
+                raise ValueError(f"{self.name} must be an integer, got {value!r}")
+            return value
+        # float
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(
+                f"{self.name} must be a number in {self.range_text}, got {value!r}"
+            )
+        value = float(value)
+        in_range = math.isfinite(value)
+        if in_range and self.low is not None:
+            in_range = value >= self.low
+        if in_range and self.high is not None:
+            in_range = value <= self.high if self.high_inclusive else value < self.high
+        if not in_range:
+            raise ValueError(f"{self.name} must be in {self.range_text}, got {value!r}")
+        return value
+
+
+#: Global (shared) parameters, in the order the README documents them.
+GLOBAL_PARAMETERS = (
+    ParameterInfo(
+        "temperature",
+        float,
+        0.0,
+        "[0, 1]",
+        "Interpolates between priority-weighted (0) and equal (1) drop rates, "
+        "and between pairwise (0) and true (1) averaging of agreeing deltas.",
+        low=0.0,
+        high=1.0,
+    ),
+    ParameterInfo(
+        "base_droprate",
+        float,
+        0.5,
+        "[0, 1)",
+        "Drop rate of the highest-priority variant; lower priorities drop more.",
+        low=0.0,
+        high=1.0,
+        high_inclusive=False,
+    ),
+    ParameterInfo(
+        "meaningful_change_threshold",
+        float,
+        2e-6,
+        "[0, inf)",
+        "Deltas with |delta| below this are treated as unchanged (zero).",
+        low=0.0,
+    ),
+    ParameterInfo(
+        "epsilon",
+        float,
+        0.1,
+        "[0, 1)",
+        "MAGPRUNE spread: drop probabilities range over p - epsilon/2 .. "
+        "p + epsilon/2, larger magnitudes getting the smaller ones.",
+        low=0.0,
+        high=1.0,
+        high_inclusive=False,
+    ),
+    ParameterInfo(
+        "rescale",
+        bool,
+        True,
+        "true/false",
+        "Divide each kept delta by (1 - its drop probability), keeping the "
+        "expected delta unbiased.",
+    ),
+    ParameterInfo(
+        "seed",
+        int,
+        None,
+        "any integer",
+        "Seed of the counter-based generator. Defaults to mergekit's "
+        "--random-seed (torch.initial_seed()) when not given.",
+    ),
+)
+
+#: Per-variant parameters.
+VARIANT_PARAMETERS = (
+    ParameterInfo(
+        "drop_rate",
+        float,
+        None,
+        "[0, 1)",
+        "Overrides the computed drop rate of this variant.",
+        low=0.0,
+        high=1.0,
+        high_inclusive=False,
+    ),
+)
+
+_BY_NAME = {p.name: p for p in GLOBAL_PARAMETERS + VARIANT_PARAMETERS}
+
+
+def check_parameter(name: str, value: Any) -> Any:
+    """Validate one parameter by name; ``None`` passes for optional ones."""
+    info = _BY_NAME.get(name)
+    if info is None:
+        raise ValueError(
+            f"unknown Circuit-Merge parameter {name!r}; "
+            f"expected one of: {', '.join(sorted(_BY_NAME))}"
+        )
+    if value is None and info.default is None:
+        return None
+    return info.check(value)
+
+
+@dataclass(frozen=True)
+class CircuitParams:
+    """Validated global parameters of one Circuit-Merge.
+
+    ``seed`` must be set by the front end before merging (each front end has
+    its own rule for the default); the kernel refuses ``None``.
+    """
+
+    temperature: float = 0.0
+    base_droprate: float = 0.5
+    meaningful_change_threshold: float = 2e-6
+    epsilon: float = 0.1
+    rescale: bool = True
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        for f in fields(self):
+            object.__setattr__(
+                self, f.name, check_parameter(f.name, getattr(self, f.name))
+            )
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def params_from_values(values: dict) -> CircuitParams:
+    """Build CircuitParams from resolved recipe values (missing ones default).
+
+    A missing or null ``seed`` falls back to torch's initial seed, which is what
+    mergekit's ``--random-seed`` sets; front ends call this per tensor.
+    """
+    known = {p.name for p in GLOBAL_PARAMETERS}
+    chosen = {k: v for k, v in values.items() if k in known and v is not None}
+    if chosen.get("seed") is None:
+        import torch
+
+        chosen["seed"] = torch.initial_seed()
+    return CircuitParams(**chosen)

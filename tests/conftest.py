@@ -1,0 +1,74 @@
+"""Shared fixtures: locally generated model families and a mergekit-yaml runner.
+
+The same suite runs under mergekit 0.1.5 and 0.1.4 (see .ci/test); tests that
+only make sense under one API use the ``mergekit_api`` fixture to skip.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import torch
+import yaml
+
+from circuit_merge_plugin.toymodels import build_family
+
+BIN = Path(sys.executable).parent
+
+
+def mergekit_api() -> str:
+    from mergekit.merge_methods import base
+
+    return "0.1.5" if hasattr(base, "GroupMergeMethod") else "0.1.4"
+
+
+@pytest.fixture(scope="session")
+def api() -> str:
+    return mergekit_api()
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory):
+    return build_family(tmp_path_factory.mktemp("llama"), variants=3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen_family(tmp_path_factory):
+    return build_family(
+        tmp_path_factory.mktemp("qwen2"), variants=2, architecture="qwen2", seed=1
+    )
+
+
+def run_mergekit_yaml(config: dict, out: Path, *args: str, check: bool = True):
+    """Run the installed ``mergekit-yaml`` console script on ``config``."""
+    out = Path(out)
+    recipe = out.parent / f"{out.name}.yaml"
+    recipe.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run(
+        [str(BIN / "mergekit-yaml"), str(recipe), str(out), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"mergekit-yaml failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def load_tensors(directory: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a safetensors model directory (any sharding)."""
+    from safetensors.torch import load_file
+
+    tensors: Dict[str, torch.Tensor] = {}
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
