@@ -37,7 +37,13 @@ class ParameterInfo:
                     return int(value)
                 raise ValueError(f"{self.name} must be an integer, got {value!r}")
             return value
-        # float
+        # float. PyYAML reads "1e-6" (no dot) as a string, as in the seed's own
+        # example config, so numeric strings are accepted.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(
                 f"{self.name} must be a number in {self.range_text}, got {value!r}"
