@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 METHOD_NAME = "circuit"
 PRETTY_NAME = "Circuit-Merge"
-REFERENCE_URL = "https://github.com/Xerxes-Blue/ml-model-mergetools"
+REFERENCE_URL = "https://github.com/jsgreenawalt/ml-model-mergetools"
 ENTRY_POINT_GROUP = "mergekit.merge_methods"
 
 _LAZY = {
