@@ -1,0 +1,97 @@
+"""Run several ``mergekit-yaml`` console scripts at once (tests' helper).
+
+Most of a small merge's time is the interpreter importing torch, transformers
+and mergekit, so the 0.1.4 and cross-version tests start their merges together
+and wait for all of them (each single-threaded, so they share the CPUs fairly).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+import yaml
+
+
+@dataclass
+class Finished:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def subprocess_env() -> Dict[str, str]:
+    return dict(
+        os.environ,
+        PYTHONWARNINGS="ignore",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
+
+
+class Runs:
+    """Start commands now; ``wait()`` collects every result (label -> Finished)."""
+
+    def __init__(self):
+        self._started = {}
+
+    def command(self, label: str, argv: Sequence[str], workdir: Path) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        out = open(workdir / f"{label}.stdout", "w")
+        err = open(workdir / f"{label}.stderr", "w")
+        process = subprocess.Popen(
+            [str(a) for a in argv], stdout=out, stderr=err, env=subprocess_env()
+        )
+        self._started[label] = (process, out, err)
+
+    def mergekit_yaml(
+        self, label: str, bin_dir: Path, config: dict, out: Path, *args: str
+    ) -> None:
+        """Start ``bin_dir/mergekit-yaml`` on ``config``, writing to ``out``."""
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        recipe = out.parent / f"{out.name}.yaml"
+        recipe.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.command(
+            label, [Path(bin_dir) / "mergekit-yaml", recipe, out, *args], out.parent
+        )
+
+    def wait(self, timeout: float = 600) -> Dict[str, Finished]:
+        results = {}
+        try:
+            for label, (process, out, err) in self._started.items():
+                process.wait(timeout=timeout)
+                out.close()
+                err.close()
+                results[label] = Finished(
+                    process.returncode,
+                    Path(out.name).read_text(),
+                    Path(err.name).read_text(),
+                )
+        finally:
+            for process, out, err in self._started.values():
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                out.close()
+                err.close()
+        return results
+
+
+def check(result: Finished, what: str) -> None:
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{what} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+            f"{result.stderr[-6000:]}"
+        )
+
+
+def raw_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's storage bytes (so -0.0 != 0.0 and NaN payloads count)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
