@@ -27,30 +27,18 @@ seeds beyond 2**53, which the float parse cannot have kept exact.
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-#: Whether mergekit's method registry was loaded before this module. If not,
-#: the imports below load it, which runs the start-up hook, which tries to
-#: import this (half-initialised) module and cannot; its warning is silenced
-#: below and registration happens at the end of this module instead.
-_REGISTRY_LOADED_FIRST = "mergekit.merge_methods" in sys.modules
-
-with warnings.catch_warnings():
-    if not _REGISTRY_LOADED_FIRST:
-        warnings.filterwarnings(
-            "ignore", message=r"merge method entry point", category=RuntimeWarning
-        )
-    from mergekit.architecture import WeightInfo
-    from mergekit.common import ImmutableMap, ModelReference
-    from mergekit.graph import Task
-    from mergekit.merge_methods.base import (
-        ConfigParameterDef,
-        MergeMethod,
-        MergeTensorInput,
-    )
+from mergekit.architecture import WeightInfo
+from mergekit.common import ImmutableMap, ModelReference
+from mergekit.graph import Task
+from mergekit.merge_methods.base import (
+    ConfigParameterDef,
+    MergeMethod,
+    MergeTensorInput,
+)
 
 from circuit_merge_plugin import METHOD_NAME, PRETTY_NAME, REFERENCE_URL
 from circuit_merge_plugin.kernel import circuit_merge
@@ -282,7 +270,7 @@ def circuit_method() -> CircuitMerge014:
     return CircuitMerge014()
 
 
-if not _REGISTRY_LOADED_FIRST:
-    from circuit_merge_plugin.registration import register_entry_points
+# If this module was imported before mergekit, registration was deferred to here.
+from circuit_merge_plugin.registration import register_after_import  # noqa: E402
 
-    register_entry_points()
+register_after_import()

@@ -90,3 +90,9 @@ class CircuitMerge(GroupMergeMethod):
 
 def circuit_method() -> CircuitMerge:
     return CircuitMerge()
+
+
+# If this module was imported before mergekit, registration was deferred to here.
+from circuit_merge_plugin.registration import register_after_import  # noqa: E402
+
+register_after_import()

@@ -11,6 +11,7 @@ returning one (ours: :func:`circuit_merge_plugin.methods.circuit_method`).
 
 from __future__ import annotations
 
+import sys
 import warnings
 from importlib.metadata import entry_points
 from typing import Any, Dict, List
@@ -40,8 +41,48 @@ def _registry():
     return set(table), add
 
 
+def _initializing(package: str) -> bool:
+    """Whether a module of ``package`` is being imported right now.
+
+    If an adapter module imports mergekit before mergekit's registry was
+    loaded, the start-up hook runs while that adapter is half-initialised and
+    its entry point cannot load yet. That is not a failure: the adapter calls
+    :func:`register_after_import` at its end.
+    """
+    prefix = package + "."
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name == package or name.startswith(prefix)
+    )
+
+
+def register_after_import() -> None:
+    """Called at the end of each adapter module: finish a deferred registration."""
+    if "mergekit.merge_methods" in sys.modules:
+        register_entry_points()
+
+
+_ACTIVE = False
+
+
 def register_entry_points(group: str = ENTRY_POINT_GROUP) -> List[str]:
-    """Register all methods of ``group`` not yet registered; return their names."""
+    """Register all methods of ``group`` not yet registered; return their names.
+
+    Re-entrant calls (loading an entry point can import an adapter that asks
+    for registration again) return at once; the outer call finishes the work.
+    """
+    global _ACTIVE
+    if _ACTIVE:
+        return []
+    _ACTIVE = True
+    try:
+        return _register_group(group)
+    finally:
+        _ACTIVE = False
+
+
+def _register_group(group: str) -> List[str]:
     names, add = _registry()
     added = []
     for entry_point in entry_points(group=group):
@@ -58,6 +99,10 @@ def register_entry_points(group: str = ENTRY_POINT_GROUP) -> List[str]:
             names.add(name)
             added.append(name)
         except Exception as error:  # one broken plugin must not break the rest
+            if isinstance(error, ImportError) and _initializing(
+                entry_point.value.split(".")[0].split(":")[0]
+            ):
+                continue  # deferred: see _initializing
             warnings.warn(
                 f"merge method entry point {entry_point.name!r} "
                 f"({entry_point.value}) failed to register: {error}",
