@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Sequence
@@ -36,19 +37,28 @@ def subprocess_env() -> Dict[str, str]:
 
 
 class Runs:
-    """Start commands now; ``wait()`` collects every result (label -> Finished)."""
+    """Queue commands; ``wait()`` runs them, at most ``max_parallel`` at once,
+    and collects every result (label -> Finished)."""
 
-    def __init__(self):
+    def __init__(self, max_parallel: int = 8):
+        self._queued = []
         self._started = {}
+        self._max_parallel = max_parallel
 
     def command(self, label: str, argv: Sequence[str], workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        out = open(workdir / f"{label}.stdout", "w")
-        err = open(workdir / f"{label}.stderr", "w")
-        process = subprocess.Popen(
-            [str(a) for a in argv], stdout=out, stderr=err, env=subprocess_env()
-        )
-        self._started[label] = (process, out, err)
+        self._queued.append((label, [str(a) for a in argv], workdir))
+        self._fill()
+
+    def _fill(self) -> None:
+        running = sum(p.poll() is None for p, _, _ in self._started.values())
+        while self._queued and running < self._max_parallel:
+            label, argv, workdir = self._queued.pop(0)
+            out = open(workdir / f"{label}.stdout", "w")
+            err = open(workdir / f"{label}.stderr", "w")
+            process = subprocess.Popen(argv, stdout=out, stderr=err, env=subprocess_env())
+            self._started[label] = (process, out, err)
+            running += 1
 
     def mergekit_yaml(
         self, label: str, bin_dir: Path, config: dict, out: Path, *args: str
@@ -64,9 +74,15 @@ class Runs:
 
     def wait(self, timeout: float = 600) -> Dict[str, Finished]:
         results = {}
+        deadline = time.monotonic() + timeout
         try:
+            while self._queued:
+                self._fill()
+                time.sleep(0.2)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("queued commands did not start in time")
             for label, (process, out, err) in self._started.items():
-                process.wait(timeout=timeout)
+                process.wait(timeout=max(1.0, deadline - time.monotonic()))
                 out.close()
                 err.close()
                 results[label] = Finished(

@@ -1,14 +1,15 @@
 """`merge_method: circuit` under mergekit 0.1.4's MergeMethod/Task API (issue 5).
 
 Selected by API: everything here skips when the installed mergekit is 0.1.5
-(.ci/test runs the suite in both environments). The version-agnostic recipe
-tests live in test_mergekit_plugin.py and run under 0.1.4 too; this file adds
-what is specific to the 0.1.4 adapter: its real ``mergekit-yaml`` on generated
-Llama and Qwen2 models with exact expectations (every drop rate 0), priority
-recovered from the order of ``models:`` (base listed in the middle, or not at
-all), mergekit 0.1.4's float-only recipe numbers (``rescale: false``, ``seed``),
-dtype promotion and out_dtype, per-layer values, validation at planning time,
-and the adapter's graph rules (optional weights, buffers) in process.
+(.ci/test runs the suite in both environments). The real ``mergekit-yaml``
+recipe cases live in test_mergekit_plugin.py and run under 0.1.4 too (exact
+expectations with every drop rate 0, priority from the order of ``models:``
+with the base listed in the middle, per-layer values, bf16 inputs, bad values
+stopping at planning). This file adds what is specific to the 0.1.4 adapter, in
+process: registration into the 0.1.4 registry, importing the adapter first,
+mergekit 0.1.4's float-only recipe numbers (``rescale``, ``seed``), validation
+at make_task time, dtype promotion, and the graph rules (optional weights,
+buffers).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from circuit_merge_plugin.params import (
     VARIANT_PARAMETERS,
     CircuitParams,
 )
-from conftest import load_tensors
 from mergekit_runs import Runs, check
 
 BIN = Path(sys.executable).parent
@@ -38,74 +38,9 @@ def _only_mergekit_014(api):
 
 
 # ---------------------------------------------------------------------------
-# The real mergekit-yaml: all merges start together (module fixture).
-
-LLAMA_TEMPERATURE = [
-    {"filter": "mlp", "value": 1.0},
-    {"filter": "self_attn", "value": 0.5},
-    {"value": 0.0},
-]
-LLAMA_THRESHOLD = [{"filter": "self_attn", "value": 0.005}, {"value": 1.0e-6}]
-
-
-def llama_temperature(name):
-    return 1.0 if "mlp" in name else 0.5 if "self_attn" in name else 0.0
-
-
-def llama_threshold(name):
-    return 0.005 if "self_attn" in name else 1.0e-6
-
-
-def llama_recipe(family):
-    """Per-layer values; base listed second; every variant's drop_rate 0."""
-    v1, v2, v3 = (str(p) for p in family.variants)
-    zero = {"drop_rate": 0.0}
-    return {
-        "merge_method": "circuit",
-        "base_model": str(family.base),
-        "models": [
-            {"model": v3, "parameters": zero},  # highest priority
-            {"model": str(family.base)},
-            {"model": v1, "parameters": zero},
-            {"model": v2, "parameters": zero},  # lowest priority
-        ],
-        "parameters": {
-            "temperature": LLAMA_TEMPERATURE,
-            "meaningful_change_threshold": LLAMA_THRESHOLD,
-            "rescale": False,
-            "seed": 5,
-        },
-        "dtype": "float32",
-        "tokenizer": {"source": "base"},
-    }
-
-
-def qwen_recipe(family):
-    """temperature 1 + base_droprate 0: every computed drop rate is exactly 0."""
-    v1, v2 = (str(p) for p in family.variants)
-    return {
-        "merge_method": "circuit",
-        "base_model": str(family.base),  # not listed: mergekit appends it
-        "models": [{"model": v2}, {"model": v1}],
-        "parameters": {"temperature": 1.0, "base_droprate": 0.0},
-        "dtype": "bfloat16",
-        "out_dtype": "float32",
-    }
-
-
-def bad_recipe(family):
-    """A value out of range for the mlp tensors only."""
-    return {
-        "merge_method": "circuit",
-        "base_model": str(family.base),
-        "models": [{"model": str(p)} for p in family.variants],
-        "parameters": {
-            "base_droprate": [{"filter": "mlp", "value": 1.0}, {"value": 0.5}],
-            "seed": 1,
-        },
-        "dtype": "float32",
-    }
-
+# The real 0.1.4 mergekit-yaml runs the version-agnostic cases of
+# tests/test_mergekit_plugin.py (the same file runs under both APIs); here
+# only what is specific to the 0.1.4 adapter.
 
 IMPORT_FIRST = """
 import warnings
@@ -119,102 +54,11 @@ print("registered", method.name())
 
 
 @pytest.fixture(scope="module")
-def merges(api, request, tmp_path_factory):
-    if api != "0.1.4":  # before the (session) model families are built
-        pytest.skip("mergekit 0.1.4 only")
-    llama_family = request.getfixturevalue("llama_family")
-    qwen_family = request.getfixturevalue("qwen_family")
+def merges(api, tmp_path_factory):
     root = tmp_path_factory.mktemp("mergekit014")
     runs = Runs()
-    runs.mergekit_yaml("llama", BIN, llama_recipe(llama_family), root / "llama")
-    runs.mergekit_yaml(
-        "qwen", BIN, qwen_recipe(qwen_family), root / "qwen", "--random-seed", "7"
-    )
-    runs.mergekit_yaml("bad", BIN, bad_recipe(llama_family), root / "bad")
     runs.command("import_first", [sys.executable, "-c", IMPORT_FIRST], root)
-    results = runs.wait()
-    return root, results, llama_family, qwen_family
-
-
-def assert_equal_tensors(actual, expected):
-    assert sorted(actual) == sorted(expected)
-    bad = [
-        name
-        for name in expected
-        if actual[name].dtype != expected[name].dtype
-        or not torch.equal(actual[name], expected[name])
-    ]
-    assert not bad, f"{len(bad)} tensors differ from the kernel, e.g. {bad[:4]}"
-
-
-def test_llama_exact_per_layer_and_priority_order(merges):
-    root, results, llama_family, _ = merges
-    check(results["llama"], "mergekit-yaml (llama)")
-    merged = load_tensors(root / "llama")
-    base = load_tensors(llama_family.base)
-    v1, v2, v3 = (load_tensors(p) for p in llama_family.variants)
-
-    def expected(name, variants):
-        params = CircuitParams(
-            temperature=llama_temperature(name),
-            meaningful_change_threshold=llama_threshold(name),
-            rescale=False,
-            seed=5,
-        )
-        return circuit_merge(
-            base[name],
-            [v[name] for v in variants],
-            params,
-            drop_rate=[0.0] * len(variants),
-            name=name,
-        )
-
-    # Priority = order of models: (the base's place in the list does not count).
-    assert_equal_tensors(merged, {n: expected(n, (v3, v1, v2)) for n in base})
-    # The expectation is sensitive to that order and to the per-layer values.
-    name = "model.layers.0.mlp.up_proj.weight"
-    assert not torch.equal(merged[name], expected(name, (v1, v2, v3)))
-    attn = "model.layers.1.self_attn.q_proj.weight"
-    plain = circuit_merge(
-        base[attn],
-        [v3[attn], v1[attn], v2[attn]],
-        CircuitParams(seed=5, rescale=False),
-        drop_rate=[0.0] * 3,
-        name=attn,
-    )
-    assert not torch.equal(merged[attn], plain)
-    assert (root / "llama" / "tokenizer.json").exists()
-    assert "Circuit-Merge" in (root / "llama" / "README.md").read_text()
-
-
-def test_qwen_exact_with_bf16_inputs_and_float32_output(merges):
-    root, results, _, qwen_family = merges
-    check(results["qwen"], "mergekit-yaml (qwen2)")
-    merged = load_tensors(root / "qwen")
-    assert {t.dtype for t in merged.values()} == {torch.float32}
-    base = load_tensors(qwen_family.base)
-    v1, v2 = (load_tensors(p) for p in qwen_family.variants)
-    params = CircuitParams(temperature=1.0, base_droprate=0.0, seed=7)
-    expected = {
-        name: circuit_merge(
-            base[name].bfloat16(),
-            [v2[name].bfloat16(), v1[name].bfloat16()],
-            params,
-            name=name,
-        ).float()
-        for name in base
-    }
-    assert_equal_tensors(merged, expected)
-    assert any(name.endswith(".bias") for name in merged)  # Qwen2's q/k/v biases
-
-
-def test_bad_per_layer_value_stops_before_any_tensor(merges):
-    root, results, _, _ = merges
-    result = results["bad"]
-    assert result.returncode != 0
-    assert "base_droprate must be in [0, 1), got 1.0" in result.stderr
-    assert "mlp" in result.stderr  # names the tensor it was resolved for
-    assert not list((root / "bad").glob("*.safetensors"))
+    return root, runs.wait()
 
 
 def test_importing_the_adapter_first_still_registers(merges):

@@ -1,12 +1,15 @@
 """`merge_method: circuit` through the real, unmodified ``mergekit-yaml``.
 
 These tests run under whichever mergekit the environment has (0.1.5 or 0.1.4):
-the recipe language and the expected results are the same for both.
+the recipe language and the expected results are the same for both. Every
+merge is started by one module fixture, a few at a time (most of a small
+merge's time is the interpreter importing torch, transformers and mergekit).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,11 @@ import torch
 
 from circuit_merge_plugin.kernel import circuit_merge
 from circuit_merge_plugin.params import CircuitParams
-from conftest import load_tensors, run_mergekit_yaml
+from conftest import load_tensors
+from mergekit_runs import Runs, check
 
 pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
 
 
 def recipe(family, parameters=None, model_parameters=None, **extra):
@@ -38,15 +43,114 @@ def recipe(family, parameters=None, model_parameters=None, **extra):
     return config
 
 
-def expected_tensors(family, params_for, drop_rate=None):
+STOCHASTIC = {"temperature": 0.3, "base_droprate": 0.4, "epsilon": 0.2, "seed": 7}
+PER_LAYER = {
+    "temperature": [{"filter": "mlp", "value": 1.0}, {"value": 0.0}],
+    "base_droprate": [{"filter": "self_attn", "value": 0.2}, {"value": 0.6}],
+    "rescale": [{"filter": "embed", "value": False}, {"value": True}],
+    "seed": 9,
+}
+LISTED_TEMPERATURE = [
+    {"filter": "mlp", "value": 1.0},
+    {"filter": "self_attn", "value": 0.5},
+    {"value": 0.0},
+]
+LISTED_THRESHOLD = [{"filter": "self_attn", "value": 0.005}, {"value": 1.0e-6}]
+
+
+def base_listed_recipe(family):
+    """Base listed second in models:, per-layer values, every drop_rate 0."""
+    v1, v2, v3 = (str(p) for p in family.variants)
+    zero = {"drop_rate": 0.0}
+    return {
+        "merge_method": "circuit",
+        "base_model": str(family.base),
+        "models": [
+            {"model": v3, "parameters": zero},  # highest priority
+            {"model": str(family.base)},
+            {"model": v1, "parameters": zero},
+            {"model": v2, "parameters": zero},  # lowest priority
+        ],
+        "parameters": {
+            "temperature": LISTED_TEMPERATURE,
+            "meaningful_change_threshold": LISTED_THRESHOLD,
+            "rescale": False,
+            "seed": 5,
+        },
+        "dtype": "float32",
+        "tokenizer": {"source": "base"},
+    }
+
+
+BAD = {
+    "bad_temperature": ({"temperature": 1.5}, None, "temperature must be in [0, 1]"),
+    "bad_threshold": (
+        {"meaningful_change_threshold": "lots"},
+        None,
+        "meaningful_change_threshold must be a number",
+    ),
+    "bad_drop_rate": ({}, {1: {"drop_rate": 2}}, "drop_rate must be in [0, 1)"),
+    "bad_per_layer": (
+        {"base_droprate": [{"filter": "mlp", "value": 1.0}, {"value": 0.5}]},
+        None,
+        "base_droprate must be in [0, 1), got 1.0",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def merges(llama_family, qwen_family, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mergekit")
+    pair = type(llama_family)(base=llama_family.base, variants=llama_family.variants[:2])
+    no_base = recipe(llama_family, {"seed": 1})
+    del no_base["base_model"]
+    bf16 = recipe(llama_family, {"seed": 2}, dtype="bfloat16", out_dtype="float16")
+    qwen_bf16 = recipe(
+        qwen_family, {"temperature": 1.0, "base_droprate": 0.0}, dtype="bfloat16",
+        out_dtype="float32",
+    )
+    jobs = {
+        "llama": (recipe(llama_family, STOCHASTIC), ()),
+        "qwen": (recipe(qwen_family, STOCHASTIC), ()),
+        "sign_rule": (recipe(pair, {"base_droprate": 0.0, "seed": 3}), ()),
+        "seed5a": (recipe(llama_family), ("--random-seed", "5")),
+        "seed5b": (recipe(llama_family), ("--random-seed", "5")),
+        "seed6": (recipe(llama_family), ("--random-seed", "6")),
+        "recipe_seed1": (recipe(llama_family, {"seed": 11}), ("--random-seed", "1")),
+        "recipe_seed2": (recipe(llama_family, {"seed": 11}), ("--random-seed", "2")),
+        "per_layer": (recipe(llama_family, PER_LAYER, {0: {"drop_rate": 0.1}}), ()),
+        "base_listed": (base_listed_recipe(llama_family), ()),
+        "bf16": (bf16, ()),
+        "qwen_bf16": (qwen_bf16, ("--random-seed", "7")),
+        "no_base": (no_base, ()),
+    }
+    for label, (parameters, per_model, _) in BAD.items():
+        jobs[label] = (recipe(llama_family, parameters, per_model), ())
+    runs = Runs(max_parallel=3)
+    for label, (config, args) in jobs.items():
+        runs.mergekit_yaml(label, BIN, config, root / label, *args)
+    results = runs.wait()
+    return root, results
+
+
+def merged(merges, label):
+    root, results = merges
+    check(results[label], f"mergekit-yaml ({label})")
+    return load_tensors(root / label)
+
+
+def expected_tensors(family, params_for, drop_rate=None, order=None, cast=None):
     """Apply the kernel directly to every tensor of the family."""
     base = load_tensors(family.base)
     variants = [load_tensors(path) for path in family.variants]
+    if order is not None:
+        variants = [variants[i] for i in order]
+    prepare = cast or (lambda t: t)
     expected = {}
     for name, tensor in base.items():
         expected[name] = circuit_merge(
-            tensor,
-            [v[name] for v in variants],
+            prepare(tensor),
+            [prepare(v[name]) for v in variants],
             params_for(name),
             drop_rate=drop_rate,
             name=name,
@@ -65,19 +169,16 @@ def assert_same_tensors(actual, expected):
     assert not mismatched, f"tensors differ from the kernel: {mismatched[:5]}"
 
 
-@pytest.mark.parametrize("family_name", ["llama_family", "qwen_family"])
-def test_every_tensor_equals_the_kernel(request, tmp_path, family_name):
-    family = request.getfixturevalue(family_name)
-    parameters = {"temperature": 0.3, "base_droprate": 0.4, "epsilon": 0.2, "seed": 7}
-    out = tmp_path / "merged"
-    run_mergekit_yaml(recipe(family, parameters), out)
-    params = CircuitParams(**parameters)
-    assert_same_tensors(load_tensors(out), expected_tensors(family, lambda _: params))
+@pytest.mark.parametrize("label", ["llama", "qwen"])
+def test_every_tensor_equals_the_kernel(merges, request, label):
+    family = request.getfixturevalue(f"{label}_family")
+    params = CircuitParams(**STOCHASTIC)
+    assert_same_tensors(merged(merges, label), expected_tensors(family, lambda _: params))
 
 
-def test_output_is_a_complete_model(llama_family, tmp_path):
-    out = tmp_path / "merged"
-    run_mergekit_yaml(recipe(llama_family, {"seed": 1}), out)
+def test_output_is_a_complete_model(merges):
+    merged(merges, "llama")
+    out = merges[0] / "llama"
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert (out / "tokenizer.json").exists() or (out / "tokenizer.model").exists()
@@ -95,14 +196,11 @@ def test_output_is_a_complete_model(llama_family, tmp_path):
     assert torch.isfinite(logits).all()
 
 
-def test_all_drop_rates_zero_is_exact_sign_rule(llama_family, tmp_path):
+def test_all_drop_rates_zero_is_exact_sign_rule(merges, llama_family):
     """Two variants, base_droprate 0: nothing random, the result is the sign rule."""
-    family = type(llama_family)(base=llama_family.base, variants=llama_family.variants[:2])
-    out = tmp_path / "merged"
-    run_mergekit_yaml(recipe(family, {"base_droprate": 0.0, "seed": 3}), out)
-    merged = load_tensors(out)
-    base = load_tensors(family.base)
-    high, low = (load_tensors(p) for p in family.variants)
+    result = merged(merges, "sign_rule")
+    base = load_tensors(llama_family.base)
+    high, low = (load_tensors(p) for p in llama_family.variants[:2])
     threshold = 2e-6
     for name in base:
         d_high = high[name] - base[name]
@@ -112,42 +210,26 @@ def test_all_drop_rates_zero_is_exact_sign_rule(llama_family, tmp_path):
         agree = (d_high != 0) & (d_low != 0) & ((d_high > 0) == (d_low > 0))
         delta = torch.where(d_high != 0, d_high, d_low)
         delta = torch.where(agree, (d_low + d_high) / 2, delta)
-        assert torch.equal(merged[name], base[name] + delta), name
+        assert torch.equal(result[name], base[name] + delta), name
 
 
-def test_random_seed_option_gives_determinism(llama_family, tmp_path):
-    config = recipe(llama_family)  # no seed in the recipe
-    outputs = {}
-    for label, seed in (("a", 5), ("b", 5), ("c", 6)):
-        out = tmp_path / label
-        run_mergekit_yaml(config, out, "--random-seed", str(seed))
-        outputs[label] = load_tensors(out)
-    assert_same_tensors(outputs["a"], outputs["b"])
+def test_random_seed_option_gives_determinism(merges, llama_family):
+    a, b, c = (merged(merges, label) for label in ("seed5a", "seed5b", "seed6"))
+    assert_same_tensors(a, b)
     name = "model.layers.0.mlp.down_proj.weight"
-    assert not torch.equal(outputs["a"][name], outputs["c"][name])
+    assert not torch.equal(a[name], c[name])
     # --random-seed 5 means seed 5: the kernel with seed=5 gives the same bytes.
     expected = expected_tensors(llama_family, lambda _: CircuitParams(seed=5))
-    assert_same_tensors(outputs["a"], expected)
+    assert_same_tensors(a, expected)
 
 
-def test_recipe_seed_wins_over_random_seed(llama_family, tmp_path):
-    config = recipe(llama_family, {"seed": 11})
-    run_mergekit_yaml(config, tmp_path / "a", "--random-seed", "1")
-    run_mergekit_yaml(config, tmp_path / "b", "--random-seed", "2")
-    assert_same_tensors(load_tensors(tmp_path / "a"), load_tensors(tmp_path / "b"))
+def test_recipe_seed_wins_over_random_seed(merges, llama_family):
+    first, second = merged(merges, "recipe_seed1"), merged(merges, "recipe_seed2")
+    assert_same_tensors(first, second)
+    assert_same_tensors(first, expected_tensors(llama_family, lambda _: CircuitParams(seed=11)))
 
 
-def test_per_layer_and_per_model_parameters(llama_family, tmp_path):
-    parameters = {
-        "temperature": [{"filter": "mlp", "value": 1.0}, {"value": 0.0}],
-        "base_droprate": [{"filter": "self_attn", "value": 0.2}, {"value": 0.6}],
-        "rescale": [{"filter": "embed", "value": False}, {"value": True}],
-        "seed": 9,
-    }
-    model_parameters = {0: {"drop_rate": 0.1}}
-    out = tmp_path / "merged"
-    run_mergekit_yaml(recipe(llama_family, parameters, model_parameters), out)
-
+def test_per_layer_and_per_model_parameters(merges, llama_family):
     def params_for(name):
         return CircuitParams(
             temperature=1.0 if "mlp" in name else 0.0,
@@ -157,48 +239,54 @@ def test_per_layer_and_per_model_parameters(llama_family, tmp_path):
         )
 
     expected = expected_tensors(llama_family, params_for, drop_rate=[0.1, None, None])
-    assert_same_tensors(load_tensors(out), expected)
+    assert_same_tensors(merged(merges, "per_layer"), expected)
 
 
-def test_bf16_with_out_dtype(llama_family, tmp_path):
-    config = recipe(llama_family, {"seed": 2})
-    config["dtype"] = "bfloat16"
-    config["out_dtype"] = "float16"
-    out = tmp_path / "merged"
-    run_mergekit_yaml(config, out)
-    merged = load_tensors(out)
-    assert {t.dtype for t in merged.values()} == {torch.float16}
-    # The kernel sees bf16 inputs (mergekit's dtype) and its bf16 result is cast.
-    base = {k: v.bfloat16() for k, v in load_tensors(llama_family.base).items()}
-    variants = [
-        {k: v.bfloat16() for k, v in load_tensors(p).items()} for p in llama_family.variants
-    ]
-    for name in ("model.layers.1.self_attn.k_proj.weight", "lm_head.weight"):
-        want = circuit_merge(
-            base[name], [v[name] for v in variants], CircuitParams(seed=2), name=name
-        ).to(torch.float16)
-        assert torch.equal(merged[name], want), name
+def test_priority_is_the_listing_order_with_the_base_listed(merges, llama_family):
+    def params_for(name):
+        return CircuitParams(
+            temperature=1.0 if "mlp" in name else 0.5 if "self_attn" in name else 0.0,
+            meaningful_change_threshold=0.005 if "self_attn" in name else 1.0e-6,
+            rescale=False,
+            seed=5,
+        )
+
+    result = merged(merges, "base_listed")
+    listed = expected_tensors(llama_family, params_for, [0.0] * 3, order=(2, 0, 1))
+    assert_same_tensors(result, listed)
+    other = expected_tensors(llama_family, params_for, [0.0] * 3)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(result[name], other[name])  # the order matters
 
 
-@pytest.mark.parametrize(
-    "parameters, per_model, needle",
-    [
-        ({"temperature": 1.5}, None, "temperature"),
-        ({"meaningful_change_threshold": "lots"}, None, "meaningful_change_threshold"),
-        ({}, {1: {"drop_rate": 2}}, "drop_rate"),
-    ],
-)
-def test_bad_parameter_stops_the_merge(llama_family, tmp_path, parameters, per_model, needle):
-    out = tmp_path / "merged"
-    result = run_mergekit_yaml(recipe(llama_family, parameters, per_model), out, check=False)
+def test_bf16_with_out_dtype(merges, llama_family):
+    result = merged(merges, "bf16")
+    assert {t.dtype for t in result.values()} == {torch.float16}
+    # The kernel sees bf16 inputs (mergekit's dtype); its bf16 result is cast.
+    expected = expected_tensors(
+        llama_family, lambda _: CircuitParams(seed=2), cast=lambda t: t.bfloat16()
+    )
+    assert_same_tensors(result, {k: v.to(torch.float16) for k, v in expected.items()})
+
+
+def test_qwen_bf16_inputs_float32_output_random_seed(merges, qwen_family):
+    result = merged(merges, "qwen_bf16")
+    params = CircuitParams(temperature=1.0, base_droprate=0.0, seed=7)
+    expected = expected_tensors(qwen_family, lambda _: params, cast=lambda t: t.bfloat16())
+    assert_same_tensors(result, {k: v.float() for k, v in expected.items()})
+    assert any(name.endswith(".bias") for name in result)  # Qwen2's q/k/v biases
+
+
+@pytest.mark.parametrize("label", sorted(BAD))
+def test_bad_parameter_stops_the_merge(merges, label):
+    root, results = merges
+    result = results[label]
     assert result.returncode != 0
-    assert needle in result.stderr
-    assert not list(out.glob("*.safetensors"))
+    assert BAD[label][2] in result.stderr
+    assert not list((root / label).glob("*.safetensors"))
 
 
-def test_base_model_is_required(llama_family, tmp_path):
-    config = recipe(llama_family, {"seed": 1})
-    del config["base_model"]
-    result = run_mergekit_yaml(config, tmp_path / "merged", check=False)
+def test_base_model_is_required(merges):
+    result = merges[1]["no_base"]
     assert result.returncode != 0
     assert "base" in result.stderr.lower()
