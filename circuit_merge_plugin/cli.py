@@ -4,7 +4,7 @@
                   [--meaningful_change_threshold X] [--seed S] [--skip_rescaling]
                   [--test] BASE VARIANT1 [VARIANT2 ...] OUTPUT
     circuit-merge digest DIR
-    circuit-merge demo [...]
+    circuit-merge demo|analyze|report [...]   (when those modules are installed)
 
 This module is only the front end (parsing, messages, exit codes); the work is
 in :mod:`.request` (flags + config), :mod:`.merge_job` (the mergekit run and the
@@ -38,6 +38,8 @@ EXIT_REFUSED = 2
 SUBCOMMANDS: Dict[str, tuple] = {
     "digest": ("circuit_merge_plugin.cli", "digest_main", "print the digest of a model directory"),
     "demo": ("circuit_merge_plugin.demo", "main", "build small models locally and run a demo merge"),
+    "analyze": ("circuit_merge_plugin.analyze", "main", "where variants change the base and fight"),
+    "report": ("circuit_merge_plugin.report", "main", "what each variant contributed to a merge"),
 }
 
 _DEVICE = re.compile(r"^(cpu|cuda|xpu|mps|auto)(:\d+)?$")
