@@ -21,20 +21,39 @@ the tensor size or the number of variants. Random numbers come from
 :mod:`circuit_merge_plugin.rng`, keyed by (seed, tensor name, variant listing
 position), which makes results bit-identical across chunk sizes, processing
 orders and devices.
+
+Performance notes (see benchmarks/): every step is a single elementwise torch
+op writing into preallocated chunk buffers (``out=`` / in-place), with scalar
+operands made once as 0-dim tensors. Selections use integer bit operations on
+the float32 bit patterns instead of ``torch.where``/``masked_fill`` with
+boolean masks (those cost ~10 ns per element on CPU against ~0.2 ns). On CPU
+the default chunk (32768 elements) is at torch's intra-op grain size, so each
+op runs on one thread: no OpenMP barrier per op, which on a busy machine costs
+a scheduler time slice whenever a worker thread is preempted.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from circuit_merge_plugin.params import CircuitParams, check_parameter
-from circuit_merge_plugin.rng import stream_key, uniform
+from circuit_merge_plugin.rng import fill_uniform, stream_key
 
-#: Elements per chunk: large enough to amortise Python overhead, small enough
-#: that the dozen float32 temporaries stay in cache-friendly sizes.
-DEFAULT_CHUNK_SIZE = 1 << 18
+#: Elements per chunk on CPU: torch's intra-op grain size, so every op of the
+#: chunk loop runs single-threaded (see the module notes); 8 chunk buffers of
+#: 128 KiB stay in a core's L2 cache.
+DEFAULT_CHUNK_SIZE = 1 << 15
+#: Elements per chunk on accelerators, where each op is a kernel launch: big
+#: enough to amortise launches (~8 buffers of 16 MiB).
+ACCELERATOR_CHUNK_SIZE = 1 << 22
+
+
+def default_chunk_size(device: torch.device) -> int:
+    """The chunk size used when the caller gives none."""
+    return DEFAULT_CHUNK_SIZE if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_SIZE
 
 
 def calculate_p(
@@ -139,7 +158,7 @@ def circuit_merge(
     name: str = "",
     positions: Optional[Sequence[int]] = None,
     labels: Optional[Sequence[str]] = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
 ) -> torch.Tensor:
     """Merge ``variants`` (listing order, first = highest priority) into ``base``.
 
@@ -153,12 +172,15 @@ def circuit_merge(
             defaults to ``0..n-1``. Front ends that merge a tensor from a subset
             of the variants pass the original positions here.
         labels: optional display names, base first, for error messages.
-        chunk_size: elements per chunk; changes memory, never the result.
+        chunk_size: elements per chunk; changes memory and speed, never the
+            result. Default: :func:`default_chunk_size` of the base's device.
 
     Non-floating bases are returned unmerged (a copy of the base).
     """
     if params.seed is None:
         raise ValueError("seed must be set before merging (an integer)")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(base.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     variants = list(variants)
@@ -183,133 +205,305 @@ def circuit_merge(
     if numel == 0:
         return out.reshape(base.shape)
 
-    threshold = params.meaningful_change_threshold
-    bounds = _magnitude_bounds(
-        flat_base, flat_variants, rates, threshold, chunk_size
-    )  # one host sync per tensor, never inside the chunk loops
-    if bounds is None:
+    work = _Work(min(chunk_size, numel), base.device, base.dtype)
+    threshold = _float32(params.meaningful_change_threshold)
+    bounds = _magnitude_bounds(flat_base, flat_variants, threshold, chunk_size, work)
+    if bounds is None:  # one host sync per tensor, never inside the chunk loops
         _raise_non_finite(base, variants, name, labels)
-
+    plans = [
+        _Plan(rate, low, high, params.epsilon, params.rescale, work)
+        for rate, (low, high) in zip(rates, bounds)
+    ]
     keys = [stream_key(params.seed, name, position) for position in positions]
+    # The kept-element test |d| >= threshold is an integer comparison of the
+    # float32 bit patterns (monotone for non-negative floats); a threshold of 0
+    # still drops exact zeros, which never contribute.
+    threshold_bits = work.int32(max(_float32_bits(threshold), 1))
     # Processing order: lowest priority (last listed) first.
     order = list(range(count - 1, -1, -1))
+    fast = params.temperature == 0 and all(
+        high < _FAST_MAGNITUDE_LIMIT for _, high in bounds
+    )
     for start in range(0, numel, chunk_size):
         stop = min(start + chunk_size, numel)
-        base_chunk = flat_base[start:stop].float()
-        acc = None
-        num = None
+        buf = work.views(stop - start)
+        base_chunk = buf.base_chunk(flat_base, start, stop)
+        buf.acc.zero_()
+        if not fast:
+            buf.count.zero_()
         for index in order:
-            delta = _pruned_delta(
+            drop = _pruned_delta(
                 flat_variants[index][start:stop],
                 base_chunk,
-                threshold,
-                rates[index],
-                params.epsilon,
-                params.rescale,
-                bounds[index],
+                plans[index],
                 keys[index],
                 start,
+                threshold_bits,
+                buf,
             )
-            if acc is None:
-                acc = delta
-                num = (delta != 0).float()
+            if fast:
+                _accumulate_t0(buf, drop, work)
             else:
-                acc, num = _accumulate(acc, num, delta, params.temperature)
-        out[start:stop] = acc.add_(base_chunk)
+                _accumulate(buf, drop, params.temperature)
+        out_chunk = out[start:stop]
+        if out_chunk.dtype == torch.float32:
+            torch.add(buf.acc, base_chunk, out=out_chunk)
+        else:
+            out_chunk.copy_(buf.acc.add_(base_chunk))
     return out.reshape(base.shape)
 
 
-def _delta(variant_chunk: torch.Tensor, base_chunk: torch.Tensor) -> torch.Tensor:
-    """A fresh float32 ``variant - base``; the inputs are never modified."""
-    delta = variant_chunk.to(torch.float32, copy=True)
-    return delta.sub_(base_chunk)
+#: The T = 0 accumulation relies on (x + x) * 0.5 == x, which needs |x| < 2**127.
+#: Kept deltas are at most max|d| * 2**24 (1 - prob >= 2**-24 when kept), so a
+#: per-tensor max|d| below 2**100 guarantees it. Larger tensors (never seen in
+#: practice) take the general path, which gives the same result without that
+#: identity.
+_FAST_MAGNITUDE_LIMIT = 2.0**100
+_ABS_BITS = 0x7FFFFFFF
 
 
-def _magnitude_bounds(
-    flat_base: torch.Tensor,
-    flat_variants: Sequence[torch.Tensor],
-    rates: Sequence[float],
-    threshold: float,
-    chunk_size: int,
-):
-    """Per variant (min, max) of the thresholded |delta| over the whole tensor.
+def _float32(value: float) -> float:
+    """``value`` rounded to float32, as a Python float (exactly representable)."""
+    return float(torch.tensor(value, dtype=torch.float32))
 
-    Returns None if any delta is not finite. Variants with rate 0 skip MAGPRUNE
-    and need no bounds, but are still checked for finiteness.
+
+def _float32_bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.float32).view(torch.int32))
+
+
+class _Views:
+    """The work buffers cut to one chunk length."""
+
+    def __init__(self, work: "_Work", size: int) -> None:
+        self.delta = work.delta[:size]
+        self.magnitude = work.magnitude[:size]
+        self.draw = work.draw[:size]
+        self.acc = work.acc[:size]
+        self.bits = work.bits[:size]
+        self.mask = work.mask[:size]
+        self.counter = work.counter[:size]
+        self.delta_bits = self.delta.view(torch.int32)
+        self.magnitude_bits = self.magnitude.view(torch.int32)
+        self.draw_bits = self.draw.view(torch.int32)
+        self.acc_bits = self.acc.view(torch.int32)
+        self.shift31 = work.shift31
+        self._base = None if work.base is None else work.base[:size]
+        self._count = None if work.count is None else work.count[:size]
+
+    def base_chunk(self, flat_base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if self._base is None:
+            return flat_base[start:stop]
+        return self._base.copy_(flat_base[start:stop])
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self._count
+
+
+class _Work:
+    """Chunk-sized work buffers and 0-dim scalar operands, made once per tensor.
+
+    Memory: 8 float32/int32 buffers of one chunk (+1 for a non-float32 base, +1
+    for the count on the general path): O(chunk), independent of the tensor size
+    and the number of variants.
     """
-    numel = flat_base.numel()
-    lows: List[Optional[torch.Tensor]] = [None] * len(flat_variants)
-    highs: List[Optional[torch.Tensor]] = [None] * len(flat_variants)
-    for start in range(0, numel, chunk_size):
-        stop = min(start + chunk_size, numel)
-        base_chunk = flat_base[start:stop].float()
-        for index, variant in enumerate(flat_variants):
-            magnitude = _delta(variant[start:stop], base_chunk).abs_()
-            if threshold > 0:
-                magnitude.masked_fill_(magnitude < threshold, 0.0)
-            low, high = torch.aminmax(magnitude)
-            lows[index] = low if lows[index] is None else torch.minimum(lows[index], low)
-            highs[index] = (
-                high if highs[index] is None else torch.maximum(highs[index], high)
-            )
-    values = torch.stack([torch.stack(lows), torch.stack(highs)]).tolist()
-    if not all(torch.isfinite(torch.tensor(values)).reshape(-1).tolist()):
-        return None
-    return list(zip(values[0], values[1]))
+
+    def __init__(self, size: int, device, dtype) -> None:
+        f32 = dict(dtype=torch.float32, device=device)
+        i32 = dict(dtype=torch.int32, device=device)
+        self.device = device
+        self.delta = torch.empty(size, **f32)
+        self.magnitude = torch.empty(size, **f32)
+        self.draw = torch.empty(size, **f32)
+        self.acc = torch.empty(size, **f32)
+        self.bits = torch.empty(size, **i32)
+        self.mask = torch.empty(size, **i32)
+        self.counter = torch.arange(size, **i32)
+        self.base = None if dtype == torch.float32 else torch.empty(size, **f32)
+        self.count = torch.empty(size, **f32)
+        self._views: Dict[int, _Views] = {}
+        self._scalars: Dict[Tuple[float, torch.dtype], torch.Tensor] = {}
+        self.abs_bits = self.int32(_ABS_BITS)
+        self.one_i32 = self.int32(1)
+        self.shift31 = self.int32(31)
+        self.half = self.float32(0.5)
+        self.one = self.float32(1.0)
+
+    def views(self, size: int) -> _Views:
+        found = self._views.get(size)
+        if found is None:
+            found = self._views[size] = _Views(self, size)
+        return found
+
+    def _scalar(self, value, dtype) -> torch.Tensor:
+        key = (value, dtype)
+        found = self._scalars.get(key)
+        if found is None:
+            found = self._scalars[key] = torch.tensor(value, dtype=dtype, device=self.device)
+        return found
+
+    def float32(self, value: float) -> torch.Tensor:
+        """A 0-dim float32 operand (a float32 op with it rounds like a Python scalar)."""
+        return self._scalar(float(value), torch.float32)
+
+    def int32(self, value: int) -> torch.Tensor:
+        return self._scalar(int(value), torch.int32)
 
 
-def _pruned_delta(
-    variant_chunk: torch.Tensor,
-    base_chunk: torch.Tensor,
-    threshold: float,
-    rate: float,
-    epsilon: float,
-    rescale: bool,
-    bounds,
-    key,
-    start: int,
-) -> torch.Tensor:
-    """Thresholded, MAGPRUNEd float32 delta of one variant over one chunk."""
-    delta = _delta(variant_chunk, base_chunk)
-    magnitude = delta.abs()
-    if threshold > 0:
-        delta.masked_fill_(magnitude < threshold, 0.0)
-        magnitude.masked_fill_(magnitude < threshold, 0.0)
-    if rate == 0:
-        return delta
-    low, high = bounds
-    prob = magnitude  # reuse the buffer: |d| -> drop probability
-    if high == low:
-        prob.fill_(rate)
+def _delta_into(delta: torch.Tensor, variant_chunk: torch.Tensor, base_chunk: torch.Tensor):
+    """``delta = float32(variant) - base`` (base chunk already float32)."""
+    if variant_chunk.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        # Upcasting these to float32 is exact, so the mixed-dtype subtraction
+        # (computed in float32) equals float32(V) - float32(B).
+        torch.sub(variant_chunk, base_chunk, out=delta)
     else:
-        # r = 1 - (a - mn) / (mx - mn);  prob = p - eps/2 + eps * r
-        prob.sub_(low).div_(high - low)
-        prob.neg_().add_(1.0)
-        prob.mul_(epsilon).add_(rate - epsilon / 2).clamp_(0.0, 1.0)
-    draw = uniform(key, start, prob.numel(), prob.device)
-    keep = draw >= prob
-    if rescale:
-        # 1 - prob is 0 only where prob == 1, which is never kept.
-        delta.div_(torch.neg(prob, out=draw).add_(1.0))
-    delta.masked_fill_(~keep, 0.0)
+        delta.copy_(variant_chunk)  # e.g. float64: round to float32 first
+        delta.sub_(base_chunk)
     return delta
 
 
-def _accumulate(acc, num, delta, temperature):
-    """Fold one variant's pruned delta into (acc, count) by the sign rule."""
-    nonzero = delta != 0
+def _magnitude_bounds(flat_base, flat_variants, threshold, chunk_size, work):
+    """Per variant (min, max) of the thresholded |delta| over the whole tensor.
+
+    Thresholding maps |d| < threshold to 0, so the thresholded minimum is 0 if
+    the raw minimum is below the threshold and the raw minimum otherwise (the
+    same for the maximum): one abs and one aminmax per chunk, no masking.
+    Returns None if any delta is not finite.
+    """
+    numel = flat_base.numel()
+    lows = [[] for _ in flat_variants]
+    highs = [[] for _ in flat_variants]
+    for start in range(0, numel, chunk_size):
+        stop = min(start + chunk_size, numel)
+        buf = work.views(stop - start)
+        base_chunk = buf.base_chunk(flat_base, start, stop)
+        for index, variant in enumerate(flat_variants):
+            _delta_into(buf.magnitude, variant[start:stop], base_chunk).abs_()
+            low, high = torch.aminmax(buf.magnitude)
+            lows[index].append(low)
+            highs[index].append(high)
+    lows_t = torch.stack([torch.stack(chunks).amin() for chunks in lows])
+    highs_t = torch.stack([torch.stack(chunks).amax() for chunks in highs])
+    values = torch.stack([lows_t, highs_t]).tolist()
+    bounds = []
+    for low, high in zip(values[0], values[1]):
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return None
+        bounds.append(
+            (low if low >= threshold else 0.0, high if high >= threshold else 0.0)
+        )
+    return bounds
+
+
+class _Plan:
+    """Per-variant MAGPRUNE constants, from the drop rate and the tensor's bounds.
+
+    prob = p - eps/2 + eps * (1 - (a - mn) / (mx - mn)) is evaluated as
+    ``(a - mx) * (-eps / (mx - mn)) + (p - eps/2)``: the same formula as three
+    single float32 ops with float32 scalar operands, which every device rounds
+    alike (a multiply: CUDA turns a division by a scalar into a multiply by its
+    reciprocal, CPU does not). At a = mx it is exactly p - eps/2.
+    """
+
+    def __init__(self, rate, low, high, epsilon, rescale, work: _Work):
+        self.prune = rate > 0
+        self.rescale = rescale
+        self.constant = high == low
+        self.rate = work.float32(_float32(rate))
+        if self.constant:
+            # prob = p everywhere; 1 - prob in float32 arithmetic:
+            self.keep_scale = float(1 - torch.tensor(rate, dtype=torch.float32))
+            self.clamp_low = False
+        else:
+            offset = _float32(rate - epsilon / 2)
+            self.high = work.float32(high)
+            self.slope = work.float32(_float32(-epsilon / (high - low)))
+            self.offset = work.float32(offset)
+            # The clamp to [0, 1]: prob >= offset always (the added term is
+            # >= 0), so the lower clamp matters only when p < eps/2. The upper
+            # clamp never changes a result: prob >= 1 is always dropped (u < 1),
+            # and the rescale factor of a dropped element is never used.
+            self.clamp_low = offset < 0
+        self.one = work.one
+
+
+def _pruned_delta(variant_chunk, base_chunk, plan, key, start, threshold_bits, buf):
+    """Fill ``buf.delta`` with the thresholded, MAGPRUNEd, rescaled delta.
+
+    Returns the drop mask (int32: -1 where the element is dropped or below the
+    threshold, 0 where it is kept); ``buf.delta`` holds garbage where dropped.
+    """
+    delta = _delta_into(buf.delta, variant_chunk, base_chunk)
+    magnitude = torch.abs(delta, out=buf.magnitude)
+    drop = buf.mask
+    if plan.prune:
+        # the generator uses drop/bits as its int32 scratch before they are set
+        draw = fill_uniform(buf.draw, key, start, drop, buf.bits, buf.counter)
+    # sign bit of drop: |d| < threshold (integer compare of non-negative floats)
+    torch.sub(buf.magnitude_bits, threshold_bits, out=drop)
+    if plan.prune:
+        if plan.constant:
+            draw.sub_(plan.rate)  # u - prob: negative exactly when u < prob
+            if plan.rescale:
+                # a tensor divisor (not a scalar: see _Plan) holding 1 - p
+                delta.div_(magnitude.fill_(plan.keep_scale))
+        else:
+            prob = magnitude.sub_(plan.high).mul_(plan.slope).add_(plan.offset)
+            if plan.clamp_low:
+                prob.clamp_min_(0.0)
+            draw.sub_(prob)  # u - prob: negative exactly when u < prob
+            if plan.rescale:
+                # kept elements have 1 - prob >= 2**-24
+                delta.div_(torch.sub(plan.one, prob, out=prob))
+        # sign bit of drop: below the threshold, or u < prob
+        drop.bitwise_or_(buf.draw_bits)
+    return drop.bitwise_right_shift_(buf.shift31)  # -1 where dropped, 0 where kept
+
+
+def _accumulate_t0(buf, drop, work):
+    """T = 0 accumulation with bit selects (no torch.where, no boolean masks).
+
+    With x = (dropped ? acc : delta) and h = (acc == 0 or sign(acc) != sign(x))
+    ? x : acc, the new acc is (h + x) * 0.5, which is
+      dropped:                   (acc + acc) / 2 = acc   (or 0 + 0 = 0);
+      kept, empty acc:           (x + x) / 2 = x;
+      kept, signs disagree:      (x + x) / 2 = x         (overwrite);
+      kept, signs agree:         (acc + x) / 2           (pairwise average).
+    Kept deltas are nonzero (|d| >= threshold > 0) and acc is never -0, so
+    these are exact float32 identities.
+    """
+    acc_bits, x_bits, scratch = buf.acc_bits, buf.delta_bits, buf.bits
+    # x = dropped ? acc : delta  ==  delta ^ ((delta ^ acc) & drop)
+    torch.bitwise_xor(x_bits, acc_bits, out=scratch)
+    scratch.bitwise_and_(drop)
+    x_bits.bitwise_xor_(scratch)
+    # take = (acc == 0) | (sign(acc) != sign(x)), as the sign bit of
+    # ((acc & 0x7fffffff) - 1) | (acc ^ x), spread to all bits.
+    take = torch.bitwise_and(acc_bits, work.abs_bits, out=drop)
+    take.sub_(work.one_i32)
+    torch.bitwise_xor(acc_bits, x_bits, out=scratch)
+    take.bitwise_or_(scratch).bitwise_right_shift_(work.shift31)
+    # h = take ? x : acc  ==  acc ^ ((acc ^ x) & take), written into acc
+    scratch.bitwise_and_(take)
+    acc_bits.bitwise_xor_(scratch)
+    buf.acc.add_(buf.delta).mul_(work.half)
+
+
+def _accumulate(buf, drop, temperature):
+    """General accumulation (any temperature): fold one pruned delta into (acc, count)."""
+    acc, num, delta = buf.acc, buf.count, buf.delta
+    nonzero = drop == 0  # kept elements are nonzero
     disagree = (acc > 0) != (delta > 0)
     take = nonzero & ((num == 0) | disagree)
     agree = nonzero & ~take
     new_num = torch.where(take, 1.0, num + agree)
     if temperature == 0:
-        averaged = (acc + delta) / 2
+        averaged = (acc + delta) * 0.5
     elif temperature == 1:
         averaged = (acc * (new_num - 1) + delta) / new_num
     else:
-        pairwise = (1 - temperature) * (acc + delta) / 2
+        pairwise = (1 - temperature) * (acc + delta) * 0.5
         true_mean = temperature * (acc * (new_num - 1) + delta) / new_num
         averaged = pairwise + true_mean
-    acc = torch.where(take, delta, torch.where(agree, averaged, acc))
-    return acc, new_num
-
+    acc.copy_(torch.where(take, delta, torch.where(agree, averaged, acc)))
+    num.copy_(new_num)
