@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from circuit_merge_plugin import report as report_module
-from circuit_merge_plugin.report import aggregate, check_report, summary
+from circuit_merge_plugin.report import aggregate, check_report
 from html_probe import find_chromium, probe_charts
 
 PARAMETERS = {"temperature": 0.0, "base_droprate": 0.5, "meaningful_change_threshold": 2e-6,
