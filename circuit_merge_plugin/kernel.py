@@ -288,7 +288,9 @@ class _Views:
         self.acc_bits = self.acc.view(torch.int32)
         self.shift31 = work.shift31
         self._base = None if work.base is None else work.base[:size]
-        self._count = None if work.count is None else work.count[:size]
+        self._work = work
+        self._size = size
+        self._count = None
 
     def base_chunk(self, flat_base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if self._base is None:
@@ -297,6 +299,10 @@ class _Views:
 
     @property
     def count(self) -> torch.Tensor:
+        if self._count is None:  # the general path only
+            if self._work.count is None:
+                self._work.count = torch.empty_like(self._work.acc)
+            self._count = self._work.count[: self._size]
         return self._count
 
 
@@ -320,7 +326,7 @@ class _Work:
         self.mask = torch.empty(size, **i32)
         self.counter = torch.arange(size, **i32)
         self.base = None if dtype == torch.float32 else torch.empty(size, **f32)
-        self.count = torch.empty(size, **f32)
+        self.count: Optional[torch.Tensor] = None  # made on first use
         self._views: Dict[int, _Views] = {}
         self._scalars: Dict[Tuple[float, torch.dtype], torch.Tensor] = {}
         self.abs_bits = self.int32(_ABS_BITS)
@@ -362,6 +368,11 @@ def _delta_into(delta: torch.Tensor, variant_chunk: torch.Tensor, base_chunk: to
     return delta
 
 
+#: Per-chunk minima/maxima are collected in a small ring and folded into the
+#: running bounds every this many chunks: O(1) memory and ~1 extra op per ring.
+_BOUNDS_RING = 256
+
+
 def _magnitude_bounds(flat_base, flat_variants, threshold, chunk_size, work):
     """Per variant (min, max) of the thresholded |delta| over the whole tensor.
 
@@ -371,22 +382,31 @@ def _magnitude_bounds(flat_base, flat_variants, threshold, chunk_size, work):
     Returns None if any delta is not finite.
     """
     numel = flat_base.numel()
-    lows = [[] for _ in flat_variants]
-    highs = [[] for _ in flat_variants]
-    for start in range(0, numel, chunk_size):
+    count = len(flat_variants)
+    chunks = -(-numel // chunk_size)
+    ring = min(chunks, _BOUNDS_RING)
+    device = flat_base.device
+    lows = torch.empty(count, ring, dtype=torch.float32, device=device)
+    highs = torch.empty_like(lows)
+    running = None  # (count, 2): min of lows, max of highs so far
+    for chunk_index, start in enumerate(range(0, numel, chunk_size)):
         stop = min(start + chunk_size, numel)
         buf = work.views(stop - start)
         base_chunk = buf.base_chunk(flat_base, start, stop)
+        slot = chunk_index % ring
         for index, variant in enumerate(flat_variants):
             _delta_into(buf.magnitude, variant[start:stop], base_chunk).abs_()
-            low, high = torch.aminmax(buf.magnitude)
-            lows[index].append(low)
-            highs[index].append(high)
-    lows_t = torch.stack([torch.stack(chunks).amin() for chunks in lows])
-    highs_t = torch.stack([torch.stack(chunks).amax() for chunks in highs])
-    values = torch.stack([lows_t, highs_t]).tolist()
+            torch.aminmax(buf.magnitude, out=(lows[index, slot], highs[index, slot]))
+        if slot == ring - 1 or chunk_index == chunks - 1:
+            filled = slot + 1
+            folded = torch.stack([lows[:, :filled].amin(1), highs[:, :filled].amax(1)], 1)
+            if running is not None:
+                folded = torch.stack(
+                    [torch.minimum(running[:, 0], folded[:, 0]),
+                     torch.maximum(running[:, 1], folded[:, 1])], 1)
+            running = folded
     bounds = []
-    for low, high in zip(values[0], values[1]):
+    for low, high in running.tolist():
         if not (math.isfinite(low) and math.isfinite(high)):
             return None
         bounds.append(
