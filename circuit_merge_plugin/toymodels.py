@@ -7,6 +7,7 @@ complete ``save_pretrained`` directory that mergekit and transformers load.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,13 @@ def _save(model, tokenizer, path: Path, dtype) -> None:
         model = model.to(dtype)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    # transformers 5 records its own class name (TokenizersBackend), which
+    # transformers 4 (mergekit 0.1.4's environment) cannot load; the fast
+    # tokenizer class name both understand keeps the family usable by both.
+    config_path = path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def build_family(
