@@ -184,6 +184,9 @@ def chart(results: Dict, path: Path) -> Optional[Path]:
             values = [data["times"][m]["ns_per_element"] for m in methods]
             ax.bar(methods, values, color=[colors.get(m, "k") for m in methods])
             ax.set_yscale("log")
+            ax.set_ylim(bottom=1)
+            for i, v in enumerate(values):
+                ax.annotate(f"{v:.0f}", (i, v), ha="center", va="bottom", fontsize=8)
             ax.set_ylabel("ns per element per variant (log)")
             ax.set_title(f"kernel only, in process\n{data['workload']}", fontsize=9)
         elif key == "memory":
@@ -192,6 +195,7 @@ def chart(results: Dict, path: Path) -> Optional[Path]:
                         "o-", color=colors.get(method, "k"), label=method)
             ax.set_xscale("log")
             ax.set_yscale("symlog", linthresh=1)
+            ax.set_ylim(bottom=0)
             ax.set_xlabel("tensor elements (millions)")
             ax.set_ylabel("working memory beyond output (MiB)")
             ax.set_title("extra memory of one tensor merge", fontsize=9)

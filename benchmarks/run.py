@@ -69,7 +69,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--scaling-variants", default="1,2,4,8")
     parser.add_argument("--scaling-sizes", default="9M,35M,140M")
     parser.add_argument("--scaling-methods", default="circuit,linear")
-    parser.add_argument("--scaling-rounds", type=int, default=1)
+    parser.add_argument("--scaling-rounds", type=int, default=2)
     parser.add_argument("--kernel-rounds", type=int, default=3)
     parser.add_argument("--memory-sizes", default="1M,4M,16M",
                         help="tensor element counts of the memory part")
@@ -84,6 +84,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--name", default="benchmark", help="file stem of the results")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per merge")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only rewrite the markdown and chart of an earlier run's JSON")
     args = parser.parse_args(argv)
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(args.parts) - set(PARTS)
@@ -168,6 +170,7 @@ class Runner:
                     "paired": paired,
                 }
         return {
+            "rounds": args.rounds,
             "workload": f"{family.shape.label()} params, base + {variants} variants, {family.dtype}",
             "input_gib": family.input_bytes(variants) / 2**30,
             "rows": rows,
@@ -241,7 +244,23 @@ class Runner:
 # ------------------------------------------------------------ markdown ----
 
 
-def _markdown(results: Dict, args: argparse.Namespace) -> str:
+def _fit(rows: List[Dict]) -> str:
+    """Least-squares wall = a + b * input GiB over the rows, as text."""
+    xs = [r["input_gib"] for r in rows]
+    ys = [r["wall_s"] for r in rows]
+    if len(xs) < 2 or max(xs) == min(xs):
+        return "n/a"
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    intercept = my - slope * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
+    r2 = 1 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return f"{intercept:.2f} s + {slope:.2f} s/GiB (R^2 {r2:.2f})"
+
+
+def _markdown(results: Dict) -> str:
     lines = [f"# {results['title']}", ""]
     lines.append(f"Command: `{results['command']}`  ")
     lines.append(f"Started {results['started']}, took {results['elapsed_s'] / 60:.1f} min; "
@@ -251,7 +270,7 @@ def _markdown(results: Dict, args: argparse.Namespace) -> str:
     compare = results.get("compare")
     if compare:
         lines += ["", f"## Whole merges: `mergekit-yaml`, {compare['workload']}", "",
-                  f"{args.rounds} round(s), methods alternating (order rotated each round); "
+                  f"{compare.get('rounds', '?')} round(s), methods alternating (order rotated each round); "
                   f"inputs {compare['input_gib']:.2f} GiB. Wall time and peak RSS/CPU of the "
                   "`mergekit-yaml` child process.", "",
                   report.comparison_table(compare["summary"]), ""]
@@ -280,6 +299,9 @@ def _markdown(results: Dict, args: argparse.Namespace) -> str:
             for r in rows:
                 lines.append(f"| {method} | {r['size']} | {r['variants']} | {r['input_gib']:.3f} | "
                              f"{r['wall_s']:.2f} | {r['s_per_gib']:.2f} | {r['rss_mib']:.0f} | {r['cpu_s']:.2f} |")
+        lines += ["", "Least-squares fit of wall time against input bytes (intercept: start-up "
+                  "and fixed costs; slope: cost per GiB read):", ""]
+        lines += [f"- {method}: {_fit(rows)}" for method, rows in data["rows"].items()]
     kernel = results.get("kernel")
     if kernel:
         lines += ["", f"## Kernel only (in process, no I/O): {kernel['workload']}", "",
@@ -306,8 +328,19 @@ def _markdown(results: Dict, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def render(path: Path, out: Path, name: str) -> int:
+    results = json.loads(Path(path).read_text())
+    chart = report.chart(results, out / f"{name}.png")
+    results["chart"] = str(chart) if chart else None
+    (out / f"{name}.md").write_text(_markdown(results))
+    _log(f"rewrote {out / (name + '.md')}" + (f" and {chart}" if chart else ""))
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.out, args.name)
     started = time.time()
     runner = Runner(args)
     results: Dict = {
@@ -338,7 +371,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     chart = report.chart(results, args.out / f"{args.name}.png")
     results["chart"] = str(chart) if chart else None
     (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1, default=str))
-    markdown = _markdown(results, args)
+    markdown = _markdown(results)
     (args.out / f"{args.name}.md").write_text(markdown)
     _log(f"results: {args.out / (args.name + '.md')}" + (f", {chart}" if chart else ""))
     print(markdown)
