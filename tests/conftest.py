@@ -32,6 +32,16 @@ def api() -> str:
     return mergekit_api()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors: one intra-op thread is faster, and avoids spinning
+    OpenMP workers on a busy machine. Restored after the module using it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def llama_family(tmp_path_factory):
     return build_family(tmp_path_factory.mktemp("llama"), variants=3, seed=0)

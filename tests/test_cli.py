@@ -28,20 +28,12 @@ from circuit_merge_plugin.digest import digest_directory
 from circuit_merge_plugin.kernel import circuit_merge
 from circuit_merge_plugin.params import CircuitParams
 from conftest import load_tensors
+from mergekit_runs import subprocess_env
 
 CLI = Path(sys.executable).parent / "circuit-merge"
 OTHER_PYTHON = os.environ.get("CIRCUIT_OTHER_PYTHON")
 
 
-def env() -> Dict[str, str]:
-    return dict(
-        os.environ,
-        PYTHONWARNINGS="ignore",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        MKL_NUM_THREADS="1",
-    )
 
 
 def cli(*args, cwd=None, timeout=120, executable=CLI) -> subprocess.CompletedProcess:
@@ -49,7 +41,7 @@ def cli(*args, cwd=None, timeout=120, executable=CLI) -> subprocess.CompletedPro
         [str(executable), *(str(a) for a in args)],
         capture_output=True,
         text=True,
-        env=env(),
+        env=subprocess_env(),
         cwd=cwd,
         timeout=timeout,
     )
@@ -139,7 +131,7 @@ class Launched:
             [str(executable), *(str(a) for a in args)],
             stdout=out,
             stderr=err,
-            env=env(),
+            env=subprocess_env(),
             cwd=cwd,
         )
         out.close()

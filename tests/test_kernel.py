@@ -31,14 +31,7 @@ from circuit_merge_plugin.rng import stream_key, uniform
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one intra-op thread is faster, and avoids spinning
-    OpenMP workers on a busy machine. Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------- helpers ----

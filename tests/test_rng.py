@@ -21,14 +21,7 @@ N = 1 << 18
 SIX_SIGMA_CORR = 6.0 / math.sqrt(N)  # sd of a sample correlation of N iid pairs ~ 1/sqrt(N)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one intra-op thread is faster, and avoids spinning
-    OpenMP workers on a busy machine. Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def draws(seed=1234, name="model.layers.0.mlp.up_proj.weight", position=0, start=0, count=N):
