@@ -41,6 +41,7 @@ import torch
 
 from circuit_merge_plugin.params import CircuitParams, check_parameter
 from circuit_merge_plugin.rng import fill_uniform, stream_key
+from circuit_merge_plugin.tally import Tally, TensorStats
 
 #: Elements per chunk on CPU: torch's intra-op grain size, so every op of the
 #: chunk loop runs single-threaded (see the module notes); 8 chunk buffers of
@@ -177,6 +178,42 @@ def circuit_merge(
 
     Non-floating bases are returned unmerged (a copy of the base).
     """
+    merged, _ = _merge(
+        base, variants, params, drop_rate, name, positions, labels, chunk_size, False
+    )
+    return merged
+
+
+def circuit_merge_with_stats(
+    base: torch.Tensor,
+    variants: Sequence[torch.Tensor],
+    params: CircuitParams,
+    *,
+    drop_rate: Optional[Sequence[Optional[float]]] = None,
+    name: str = "",
+    positions: Optional[Sequence[int]] = None,
+    labels: Optional[Sequence[str]] = None,
+    chunk_size: Optional[int] = None,
+) -> Tuple[torch.Tensor, TensorStats]:
+    """:func:`circuit_merge` (the same result, bit for bit) and what each variant contributed.
+
+    Returns ``(merged, stats)``; see :mod:`circuit_merge_plugin.tally` for the
+    counts. Costs a few vectorised ops per chunk and one more host sync per
+    tensor; on accelerators the chunk is capped at :data:`COUNTING_CHUNK_SIZE`
+    to bound the per-variant state rows.
+    """
+    if chunk_size is None and torch.device(base.device).type != "cpu":
+        chunk_size = COUNTING_CHUNK_SIZE
+    return _merge(
+        base, variants, params, drop_rate, name, positions, labels, chunk_size, True
+    )
+
+
+#: Accelerator chunk when counting: the tally keeps ~5 rows of a chunk per variant.
+COUNTING_CHUNK_SIZE = 1 << 20
+
+
+def _merge(base, variants, params, drop_rate, name, positions, labels, chunk_size, counting):
     if params.seed is None:
         raise ValueError("seed must be set before merging (an integer)")
     if chunk_size is None:
@@ -187,7 +224,9 @@ def circuit_merge(
     if not base.is_floating_point():
         if len(variants) < 1:
             raise ValueError("Circuit-Merge needs at least one variant")
-        return base.clone()
+        rates = drop_rates(len(variants), params.temperature, params.base_droprate, drop_rate)
+        stats = TensorStats.unchanged(base.numel(), rates) if counting else None
+        return base.clone(), stats
     _validate_inputs(base, variants, name, labels)
     count = len(variants)
     if positions is None:
@@ -203,7 +242,7 @@ def circuit_merge(
     flat_variants = [v.reshape(-1) for v in variants]
     out = torch.empty_like(flat_base)
     if numel == 0:
-        return out.reshape(base.shape)
+        return out.reshape(base.shape), TensorStats.unchanged(0, rates) if counting else None
 
     work = _Work(min(chunk_size, numel), base.device, base.dtype)
     threshold = _float32(params.meaningful_change_threshold)
@@ -224,14 +263,19 @@ def circuit_merge(
     fast = params.temperature == 0 and all(
         high < _FAST_MAGNITUDE_LIMIT for _, high in bounds
     )
+    tally = None
+    if counting:
+        tally = Tally(count, work.delta.numel(), base.device, params.temperature, not fast)
     for start in range(0, numel, chunk_size):
         stop = min(start + chunk_size, numel)
-        buf = work.views(stop - start)
+        size = stop - start
+        buf = work.views(size)
         base_chunk = buf.base_chunk(flat_base, start, stop)
         buf.acc.zero_()
         if not fast:
             buf.count.zero_()
-        for index in order:
+        for step, index in enumerate(order):
+            view = buf if tally is None else work.views(size, tally, step)
             drop = _pruned_delta(
                 flat_variants[index][start:stop],
                 base_chunk,
@@ -239,18 +283,23 @@ def circuit_merge(
                 keys[index],
                 start,
                 threshold_bits,
-                buf,
+                view,
             )
             if fast:
-                _accumulate_t0(buf, drop, work)
+                _accumulate_t0(view, drop, work)
             else:
-                _accumulate(buf, drop, params.temperature)
+                if tally is not None:
+                    tally.num[step, :size].copy_(buf.count)
+                _accumulate(view, drop, params.temperature)
+        if tally is not None:
+            tally.finish_chunk(size)
         out_chunk = out[start:stop]
         if out_chunk.dtype == torch.float32:
             torch.add(buf.acc, base_chunk, out=out_chunk)
         else:
             out_chunk.copy_(buf.acc.add_(base_chunk))
-    return out.reshape(base.shape)
+    stats = None if tally is None else tally.result(numel, rates)
+    return out.reshape(base.shape), stats
 
 
 #: The T = 0 accumulation relies on (x + x) * 0.5 == x, which needs |x| < 2**127.
@@ -272,15 +321,28 @@ def _float32_bits(value: float) -> int:
 
 
 class _Views:
-    """The work buffers cut to one chunk length."""
+    """The work buffers cut to one chunk length.
 
-    def __init__(self, work: "_Work", size: int) -> None:
-        self.delta = work.delta[:size]
+    When counting, each variant step gets its own views whose ``delta`` and
+    ``mask`` (the drop mask) are that step's rows of the tally, and whose
+    ``below`` and ``take`` receive the threshold test and the take mask: the
+    tally then reads the kernel's own buffers, with no copies.
+    """
+
+    def __init__(self, work: "_Work", size: int, tally=None, step: int = 0) -> None:
+        if tally is None:
+            self.delta = work.delta[:size]
+            self.mask = work.mask[:size]
+            self.below = self.take = None
+        else:
+            self.delta = tally.delta[step, :size]
+            self.mask = tally.drop[step, :size]
+            self.below = tally.below[step, :size]
+            self.take = tally.take[step, :size]
         self.magnitude = work.magnitude[:size]
         self.draw = work.draw[:size]
         self.acc = work.acc[:size]
         self.bits = work.bits[:size]
-        self.mask = work.mask[:size]
         self.counter = work.counter[:size]
         self.delta_bits = self.delta.view(torch.int32)
         self.magnitude_bits = self.magnitude.view(torch.int32)
@@ -327,7 +389,7 @@ class _Work:
         self.counter = torch.arange(size, **i32)
         self.base = None if dtype == torch.float32 else torch.empty(size, **f32)
         self.count: Optional[torch.Tensor] = None  # made on first use
-        self._views: Dict[int, _Views] = {}
+        self._views: Dict[Tuple[int, int], _Views] = {}
         self._scalars: Dict[Tuple[float, torch.dtype], torch.Tensor] = {}
         self.abs_bits = self.int32(_ABS_BITS)
         self.one_i32 = self.int32(1)
@@ -335,10 +397,11 @@ class _Work:
         self.half = self.float32(0.5)
         self.one = self.float32(1.0)
 
-    def views(self, size: int) -> _Views:
-        found = self._views.get(size)
+    def views(self, size: int, tally=None, step: int = -1) -> _Views:
+        """Views of ``size`` elements; with a tally, those of variant step ``step``."""
+        found = self._views.get((size, step))
         if found is None:
-            found = self._views[size] = _Views(self, size)
+            found = self._views[(size, step)] = _Views(self, size, tally, step)
         return found
 
     def _scalar(self, value, dtype) -> torch.Tensor:
@@ -452,6 +515,8 @@ def _pruned_delta(variant_chunk, base_chunk, plan, key, start, threshold_bits, b
 
     Returns the drop mask (int32: -1 where the element is dropped or below the
     threshold, 0 where it is kept); ``buf.delta`` holds garbage where dropped.
+    When counting, ``buf.below`` receives the threshold test alone (int32, sign
+    bit set where ``|d| < threshold``).
     """
     delta = _delta_into(buf.delta, variant_chunk, base_chunk)
     magnitude = torch.abs(delta, out=buf.magnitude)
@@ -461,6 +526,8 @@ def _pruned_delta(variant_chunk, base_chunk, plan, key, start, threshold_bits, b
         draw = fill_uniform(buf.draw, key, start, drop, buf.bits, buf.counter)
     # sign bit of drop: |d| < threshold (integer compare of non-negative floats)
     torch.sub(buf.magnitude_bits, threshold_bits, out=drop)
+    if buf.below is not None:
+        buf.below.copy_(drop)
     if plan.prune:
         if plan.constant:
             draw.sub_(plan.rate)  # u - prob: negative exactly when u < prob
@@ -490,7 +557,9 @@ def _accumulate_t0(buf, drop, work):
       kept, signs disagree:      (x + x) / 2 = x         (overwrite);
       kept, signs agree:         (acc + x) / 2           (pairwise average).
     Kept deltas are nonzero (|d| >= threshold > 0) and acc is never -0, so
-    these are exact float32 identities.
+    these are exact float32 identities. The take mask is computed into the
+    drop mask's buffer, or into ``buf.take`` when counting (which keeps both);
+    ``buf.delta`` keeps the kept deltas either way.
     """
     acc_bits, x_bits, scratch = buf.acc_bits, buf.delta_bits, buf.bits
     # x = dropped ? acc : delta  ==  delta ^ ((delta ^ acc) & drop)
@@ -499,7 +568,7 @@ def _accumulate_t0(buf, drop, work):
     x_bits.bitwise_xor_(scratch)
     # take = (acc == 0) | (sign(acc) != sign(x)), as the sign bit of
     # ((acc & 0x7fffffff) - 1) | (acc ^ x), spread to all bits.
-    take = torch.bitwise_and(acc_bits, work.abs_bits, out=drop)
+    take = torch.bitwise_and(acc_bits, work.abs_bits, out=drop if buf.take is None else buf.take)
     take.sub_(work.one_i32)
     torch.bitwise_xor(acc_bits, x_bits, out=scratch)
     take.bitwise_or_(scratch).bitwise_right_shift_(work.shift31)
@@ -527,3 +596,5 @@ def _accumulate(buf, drop, temperature):
         averaged = pairwise + true_mean
     acc.copy_(torch.where(take, delta, torch.where(agree, averaged, acc)))
     num.copy_(new_num)
+    if buf.take is not None:  # counting: the take mask as int32 -1/0
+        buf.take.copy_(take).neg_()
