@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -61,16 +61,26 @@ def load_family_tensors(family: Family, variants: int, device: str = "cpu"):
     ]
 
 
-def _methods(seed: int):
+def _methods(seed: int, report_dir: Optional[Path] = None):
+    """Method name -> (merge method, parameters). With ``report_dir``, also
+    circuit at T = 0.5 and both with the contribution report (``+report``)."""
     from mergekit.merge_methods.registry import get
 
     from circuit_merge_plugin.mergekit_015 import CircuitMerge
 
-    return {
+    table = {
         "circuit": (CircuitMerge(), {"seed": seed}),
         "della": (get("della"), {"weight": 1.0, "density": 0.5, "epsilon": 0.1}),
         "ties": (get("ties"), {"weight": 1.0, "density": 0.5}),
     }
+    if report_dir is not None:
+        for name, extra in (("circuit", {}), ("circuit T=0.5", {"temperature": 0.5})):
+            table[name] = (CircuitMerge(), {"seed": seed, **extra})
+            table[f"{name} +report"] = (
+                CircuitMerge(),
+                {"seed": seed, **extra, "report": str(report_dir / f"{name}.json")},
+            )
+    return table
 
 
 def kernel_times(
@@ -81,13 +91,17 @@ def kernel_times(
     device: str = "cpu",
     seed: int = 1,
     methods: Sequence[str] = ("circuit", "della", "ties"),
+    report_dir: Optional[Path] = None,
 ) -> Dict[str, Dict]:
-    """Median seconds per method to merge all tensors of ``family`` in process."""
+    """Median seconds per method to merge all tensors of ``family`` in process.
+
+    Methods are those of :func:`_methods` (``+report`` ones need ``report_dir``).
+    """
     from mergekit.merge_methods.base import TensorGroup
 
     tensors = load_family_tensors(family, variants, device)
     ids = ["base"] + [f"v{k + 1}" for k in range(variants)]
-    table = _methods(seed)
+    table = _methods(seed, report_dir)
     prepared = {}
     for name in methods:
         method, values = table[name]

@@ -24,6 +24,10 @@ kernel    in process, no I/O: every tensor of the family merged by circuit's
           (DELLA sparsify + sum consensus) and ties merge_group.
 memory    extra peak memory of one tensor merge against the tensor size
           (fresh child process per point): circuit's chunked kernel is flat.
+report    the cost of the contribution report (recipe ``report: PATH``):
+          circuit with and without it, at temperature 0 and 0.5, as whole
+          ``mergekit-yaml`` merges (alternating, ``--rounds`` rounds) and kernel
+          only; target: at most 5% more whole-merge time.
 
 Results: ``<out>/<name>.md`` (tables + machine description), ``<name>.png``
 (chart), ``<name>.json`` (raw numbers); defaults ``benchmarks/results/benchmark``.
@@ -43,8 +47,11 @@ from benchmarks import report, workloads
 from benchmarks.timing import run_merge
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("compare", "scaling", "kernel", "memory")
+PARTS = ("compare", "scaling", "kernel", "memory", "report")
 TARGETS = {"circuit/della": 0.6, "circuit/linear": 1.3}
+#: Largest extra whole-merge time of the contribution report, as a fraction.
+REPORT_TARGET = 0.05
+REPORT_SETTINGS = (("T=0", {}), ("T=0.5", {"temperature": 0.5}))
 
 
 def _log(message: str) -> None:
@@ -127,11 +134,12 @@ class Runner:
              f"{variants} variants, {self.args.dtype}")
         return workloads.build(self.args.cache, shape, variants, self.args.dtype)
 
-    def merge(self, method: str, family: workloads.Family, variants: int, label: str) -> Dict:
+    def merge(self, method: str, family: workloads.Family, variants: int, label: str,
+              circuit: Optional[Dict] = None) -> Dict:
         tag = f"{label}-{method}-n{variants}"
         recipe_path = workloads.write_recipe(
             self.work / f"{tag}.yaml",
-            workloads.recipe(method, family, variants, seed=self.args.seed),
+            workloads.recipe(method, family, variants, seed=self.args.seed, circuit=circuit),
         )
         m = run_merge(method, recipe_path, self.work / f"{tag}.out", self.work / f"{tag}.log",
                       extra_args=self.extra, seed=self.args.seed, timeout=self.args.timeout,
@@ -228,6 +236,67 @@ class Runner:
             "times": times,
         }
 
+    def report_overhead(self, family: workloads.Family) -> Dict:
+        """circuit with and without ``report:``: whole merges, then kernel only."""
+        from benchmarks.kernel_bench import kernel_times
+        from circuit_merge_plugin.report import check_report, load_report
+
+        args = self.args
+        rows = []
+        for setting, extra in REPORT_SETTINGS:
+            for round_index in range(args.rounds):
+                order = (False, True) if round_index % 2 == 0 else (True, False)
+                for with_report in order:
+                    label = f"report-{setting}{'-on' if with_report else '-off'}-r{round_index + 1}"
+                    report_file = self.work / f"{label}.report.json"
+                    report_file.unlink(missing_ok=True)
+                    parameters = dict(extra, **({"report": str(report_file)} if with_report else {}))
+                    row = self.merge("circuit", family, args.variants, label, circuit=parameters)
+                    if with_report:  # it was written, and it is consistent
+                        problems = check_report(load_report(str(report_file)))
+                        if problems:
+                            raise RuntimeError(f"{report_file}: {problems[0]}")
+                        report_file.unlink()
+                    row.update(setting=setting, report=with_report, round=round_index)
+                    rows.append(row)
+        whole = {}
+        for setting, _ in REPORT_SETTINGS:
+            off = [r for r in rows if r["setting"] == setting and not r["report"]]
+            on = [r for r in rows if r["setting"] == setting and r["report"]]
+            paired = [b["wall_s"] / a["wall_s"] for a, b in zip(
+                sorted(off, key=lambda r: r["round"]), sorted(on, key=lambda r: r["round"]))]
+            whole[setting] = {
+                "off_s": report.median([r["wall_s"] for r in off]),
+                "on_s": report.median([r["wall_s"] for r in on]),
+                "overhead": report.median(paired) - 1,
+                "paired": paired,
+            }
+            _log(f"  report {setting}: whole merge {whole[setting]['off_s']:.2f} s -> "
+                 f"{whole[setting]['on_s']:.2f} s ({whole[setting]['overhead']:+.1%})")
+        device = "cuda" if args.cuda else "cpu"
+        names = [f"{s}{suffix}" for s, _ in (("circuit", 0), ("circuit T=0.5", 0))
+                 for suffix in ("", " +report")]
+        kernel_dir = self.work / "kernel-reports"
+        kernel_dir.mkdir(parents=True, exist_ok=True)
+        times = kernel_times(family, args.variants, rounds=args.kernel_rounds, device=device,
+                             seed=args.seed, methods=names, report_dir=kernel_dir)
+        kernel = {}
+        for (setting, _), base_name in zip(REPORT_SETTINGS, ("circuit", "circuit T=0.5")):
+            off, on = times[base_name]["median_s"], times[base_name + " +report"]["median_s"]
+            kernel[setting] = {"off_s": off, "on_s": on, "overhead": on / off - 1,
+                               "ns_per_element_off": times[base_name]["ns_per_element"],
+                               "ns_per_element_on": times[base_name + " +report"]["ns_per_element"]}
+            _log(f"  report {setting}: kernel {off:.3f} s -> {on:.3f} s ({on / off - 1:+.1%})")
+        return {
+            "workload": f"{family.shape.label()} params, base + {args.variants} variants, "
+                        f"{family.dtype}",
+            "rounds": args.rounds,
+            "rows": rows,
+            "whole": whole,
+            "kernel": kernel,
+            "kernel_device": device,
+        }
+
     def memory(self) -> Dict:
         from benchmarks.kernel_bench import memory_growth
 
@@ -322,6 +391,23 @@ def _markdown(results: Dict) -> str:
             for r in rows:
                 lines.append(f"| {method} | {r['numel']} | {r['input_bytes'] / 2**20:.0f} | "
                              f"{r['work_bytes'] / 2**20:.2f} |")
+    counting = results.get("report")
+    if counting:
+        lines += ["", f"## Contribution report (`report:`): {counting['workload']}", "",
+                  f"circuit without and with the recipe parameter `report: PATH`, "
+                  f"{counting['rounds']} round(s) alternating; overhead = median of the "
+                  "per-round ratios - 1. Kernel only: in process, no I/O, "
+                  f"{counting['kernel_device']}.", "",
+                  "| setting | whole merge without (s) | with (s) | overhead | target "
+                  "| kernel without (s) | with (s) | kernel overhead |",
+                  "|---|---:|---:|---:|---|---:|---:|---:|"]
+        for setting, whole in counting["whole"].items():
+            kernel = counting["kernel"][setting]
+            met = "(met)" if whole["overhead"] <= REPORT_TARGET else "(not met)"
+            lines.append(
+                f"| {setting} | {whole['off_s']:.2f} | {whole['on_s']:.2f} | "
+                f"{whole['overhead']:+.1%} | <= {REPORT_TARGET:.0%} {met} | "
+                f"{kernel['off_s']:.3f} | {kernel['on_s']:.3f} | {kernel['overhead']:+.1%} |")
     if results.get("chart"):
         lines += ["", f"![chart]({Path(results['chart']).name})"]
     lines.append("")
@@ -350,7 +436,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "load_start": report.load_average(),
         "machine": report.machine_description(),
     }
-    need_family = {"compare", "scaling", "kernel"} & set(args.parts)
+    need_family = {"compare", "scaling", "kernel", "report"} & set(args.parts)
     family = None
     if need_family:
         most = args.variants
@@ -365,6 +451,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         results.update(runner.scaling(family))
     if "memory" in args.parts:
         results["memory"] = runner.memory()
+    if "report" in args.parts:
+        results["report"] = runner.report_overhead(family)
     results["elapsed_s"] = time.time() - started
     results["load_end"] = report.load_average()
     args.out.mkdir(parents=True, exist_ok=True)

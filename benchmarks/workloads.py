@@ -129,7 +129,7 @@ def build(cache: Path, shape: Shape, variants: int, dtype: str, seed: int = 0) -
 
 
 def recipe(method: str, family: Family, variants: int, *, seed: int = 1,
-           out_dtype: Optional[str] = None) -> Dict:
+           out_dtype: Optional[str] = None, circuit: Optional[Dict] = None) -> Dict:
     """A mergekit recipe of ``method`` over the base and the first ``variants``.
 
     Settings are matched where the methods overlap: circuit's defaults
@@ -137,6 +137,7 @@ def recipe(method: str, family: Family, variants: int, *, seed: int = 1,
     della and ties keep density 0.5 with equal weights (della epsilon 0.1);
     linear averages the variants and the base (it reads the same inputs as the
     others with the least arithmetic: the I/O floor every method pays).
+    ``circuit`` adds recipe parameters to circuit's (e.g. temperature, report).
     """
     models: List[Dict] = []
     for index in range(variants):
@@ -155,7 +156,7 @@ def recipe(method: str, family: Family, variants: int, *, seed: int = 1,
         "dtype": out_dtype or family.dtype,
     }
     if method == "circuit":
-        config["parameters"] = {"seed": seed}
+        config["parameters"] = {"seed": seed, **(circuit or {})}
     elif method == "linear":
         # base_model alone is not a linear input: list it so that the same
         # tensors are read as by the other methods

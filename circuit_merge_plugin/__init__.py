@@ -15,6 +15,8 @@ ENTRY_POINT_GROUP = "mergekit.merge_methods"
 
 _LAZY = {
     "circuit_merge": "circuit_merge_plugin.kernel",
+    "circuit_merge_with_stats": "circuit_merge_plugin.kernel",
+    "TensorStats": "circuit_merge_plugin.tally",
     "calculate_p": "circuit_merge_plugin.kernel",
     "drop_rates": "circuit_merge_plugin.kernel",
     "CircuitParams": "circuit_merge_plugin.params",
@@ -26,7 +28,9 @@ __all__ = [
     "CircuitParams",
     "calculate_p",
     "circuit_merge",
+    "circuit_merge_with_stats",
     "drop_rates",
+    "TensorStats",
 ]
 
 

@@ -119,11 +119,14 @@ def _float_option(*decls: str, metavar: str, help: str):
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTPUT.")
 @click.option("--allow-pickle", "--allow_pickle", "allow_pickle", is_flag=True,
               help="Read pickled checkpoints (.bin/.pt); they can run code when loaded.")
+@click.option("--no-report", "--no_report", "no_report", is_flag=True,
+              help="Do not count contributions nor write circuit_merge_report.json "
+              "(see `circuit-merge report`).")
 @click.option("--print-recipe", "--print_recipe", "print_recipe", is_flag=True,
               help="Print the equivalent mergekit recipe and exit.")
 @click.version_option(__version__, "--version", prog_name=PROG)
 def merge_command(paths, config_path, selftest, cuda, device, dtype, out_dtype,
-                  out_shard_size, quiet, overwrite, allow_pickle, print_recipe,
+                  out_shard_size, quiet, overwrite, allow_pickle, no_report, print_recipe,
                   **parameter_flags):
     """Merge VARIANT1..N into BASE with Circuit-Merge!, through mergekit.
 
@@ -132,14 +135,15 @@ def merge_command(paths, config_path, selftest, cuda, device, dtype, out_dtype,
     go through mergekit's planner (config, tokenizer and model card written);
     directories of bare safetensors through its raw-tensor planning. The result
     is written beside OUTPUT and renamed into place when complete, with a
-    circuit_merge.json manifest and digest.
+    circuit_merge.json manifest and digest, and circuit_merge_report.json
+    (what each variant contributed; render it with `circuit-merge report OUTPUT`).
     """
     try:
         request = _build_request(
             list(paths), config_path, parameter_flags, selftest=selftest, cuda=cuda,
             device=device, dtype=dtype, out_dtype=out_dtype,
             out_shard_size=out_shard_size, quiet=quiet, overwrite=overwrite,
-            allow_pickle=allow_pickle,
+            allow_pickle=allow_pickle, report=not no_report,
         )
     except ValueError as error:
         _error(str(error), EXIT_REFUSED)
@@ -161,7 +165,8 @@ def merge_command(paths, config_path, selftest, cuda, device, dtype, out_dtype,
 
 
 def _build_request(paths, config_path, parameter_flags, *, selftest, cuda, device,
-                   dtype, out_dtype, out_shard_size, quiet, overwrite, allow_pickle):
+                   dtype, out_dtype, out_shard_size, quiet, overwrite, allow_pickle,
+                   report=True):
     from circuit_merge_plugin.request import (
         DEFAULT_SHARD_SIZE,
         MergeRequest,
@@ -200,6 +205,7 @@ def _build_request(paths, config_path, parameter_flags, *, selftest, cuda, devic
         quiet=quiet,
         overwrite=overwrite,
         allow_pickle=allow_pickle,
+        report=report,
         sources=sources,
     )
 

@@ -290,7 +290,7 @@ def _merge(base, variants, params, drop_rate, name, positions, labels, chunk_siz
             else:
                 if tally is not None:
                     tally.num[step, :size].copy_(buf.count)
-                _accumulate(view, drop, params.temperature)
+                _accumulate(view, drop, params.temperature, work)
         if tally is not None:
             tally.finish_chunk(size)
         out_chunk = out[start:stop]
@@ -362,18 +362,24 @@ class _Views:
     @property
     def count(self) -> torch.Tensor:
         if self._count is None:  # the general path only
-            if self._work.count is None:
-                self._work.count = torch.empty_like(self._work.acc)
-            self._count = self._work.count[: self._size]
+            work = self._work
+            if work.count is None:
+                work.count = torch.empty_like(work.acc)
+                work.spare = torch.empty_like(work.acc)
+                work.spare_bits = torch.empty_like(work.bits)
+            self._count = work.count[: self._size]
+            self.count_bits = self._count.view(torch.int32)
+            self.spare = work.spare[: self._size]
+            self.spare_bits = work.spare_bits[: self._size]
         return self._count
 
 
 class _Work:
     """Chunk-sized work buffers and 0-dim scalar operands, made once per tensor.
 
-    Memory: 8 float32/int32 buffers of one chunk (+1 for a non-float32 base, +1
-    for the count on the general path): O(chunk), independent of the tensor size
-    and the number of variants.
+    Memory: 8 float32/int32 buffers of one chunk (+1 for a non-float32 base, +3
+    for the count and scratch on the general path): O(chunk), independent of the
+    tensor size and the number of variants.
     """
 
     def __init__(self, size: int, device, dtype) -> None:
@@ -388,7 +394,9 @@ class _Work:
         self.mask = torch.empty(size, **i32)
         self.counter = torch.arange(size, **i32)
         self.base = None if dtype == torch.float32 else torch.empty(size, **f32)
-        self.count: Optional[torch.Tensor] = None  # made on first use
+        self.count: Optional[torch.Tensor] = None  # made on first use, with:
+        self.spare: Optional[torch.Tensor] = None
+        self.spare_bits: Optional[torch.Tensor] = None
         self._views: Dict[Tuple[int, int], _Views] = {}
         self._scalars: Dict[Tuple[float, torch.dtype], torch.Tensor] = {}
         self.abs_bits = self.int32(_ABS_BITS)
@@ -396,6 +404,7 @@ class _Work:
         self.shift31 = self.int32(31)
         self.half = self.float32(0.5)
         self.one = self.float32(1.0)
+        self.one_bits = self.int32(_float32_bits(1.0))
 
     def views(self, size: int, tally=None, step: int = -1) -> _Views:
         """Views of ``size`` elements; with a tally, those of variant step ``step``."""
@@ -578,23 +587,59 @@ def _accumulate_t0(buf, drop, work):
     buf.acc.add_(buf.delta).mul_(work.half)
 
 
-def _accumulate(buf, drop, temperature):
-    """General accumulation (any temperature): fold one pruned delta into (acc, count)."""
+def _accumulate(buf, drop, temperature, work):
+    """General accumulation (any temperature): fold one pruned delta into (acc, count).
+
+    The spec's rule, element by element, with c = count + 1:
+      take  = kept and (count == 0 or (acc > 0) != (delta > 0)):  acc = delta, count = 1;
+      agree = kept and not take:  count = c, acc = the average
+              (1 - T) * (acc + delta) * 0.5 + T * (acc * (c - 1) + delta) / c
+              (one term alone at T = 0 or 1), in exactly these float32 ops;
+      dropped: unchanged.
+    Masks are int32 -1/0 and the selections bit selects, as in _accumulate_t0
+    (no torch.where, no boolean tensors). The average is computed everywhere
+    and used only where agreeing; garbage elsewhere (dropped deltas) is never
+    selected, only masked. The take mask goes to ``buf.take`` when counting.
+    """
     acc, num, delta = buf.acc, buf.count, buf.delta
-    nonzero = drop == 0  # kept elements are nonzero
-    disagree = (acc > 0) != (delta > 0)
-    take = nonzero & ((num == 0) | disagree)
-    agree = nonzero & ~take
-    new_num = torch.where(take, 1.0, num + agree)
+    acc_bits, num_bits, delta_bits = buf.acc_bits, buf.count_bits, buf.delta_bits
+    either, kept = buf.bits, buf.magnitude_bits  # int32 scratch
+    take = buf.take if buf.take is not None else buf.spare_bits
+    # sign bit of `either`: count == 0 (count >= +0, so its bits - 1 < 0 iff 0)
+    torch.sub(num_bits, work.one_i32, out=either)
+    # sign bit of (acc_bits - 1) | acc_bits: acc is not > 0 (also for -0);
+    # xor delta's sign bit (kept deltas are nonzero): the signs disagree
+    torch.sub(acc_bits, work.one_i32, out=kept)
+    kept.bitwise_or_(acc_bits).bitwise_xor_(delta_bits)
+    either.bitwise_or_(kept)
+    torch.bitwise_right_shift(either, work.shift31, out=take)
+    torch.bitwise_not(drop, out=kept)
+    take.bitwise_and_(kept)
+    agree = kept.bitwise_xor_(take)  # kept and not taken
+
+    new = torch.add(num, 1.0, out=buf.draw)  # c
+    average = torch.add(acc, delta, out=buf.spare)
     if temperature == 0:
-        averaged = (acc + delta) * 0.5
-    elif temperature == 1:
-        averaged = (acc * (new_num - 1) + delta) / new_num
+        average.mul_(0.5)
     else:
-        pairwise = (1 - temperature) * (acc + delta) * 0.5
-        true_mean = temperature * (acc * (new_num - 1) + delta) / new_num
-        averaged = pairwise + true_mean
-    acc.copy_(torch.where(take, delta, torch.where(agree, averaged, acc)))
-    num.copy_(new_num)
-    if buf.take is not None:  # counting: the take mask as int32 -1/0
-        buf.take.copy_(take).neg_()
+        true_mean = torch.sub(new, 1, out=either.view(torch.float32))
+        true_mean.mul_(acc).add_(delta)
+        if temperature == 1:
+            average = true_mean.div_(new)
+        else:
+            average.mul_(1 - temperature).mul_(0.5)
+            average.add_(true_mean.mul_(temperature).div_(new))
+    scratch = buf.spare_bits if average is buf.spare else buf.spare.view(torch.int32)
+    if buf.take is None and scratch is buf.spare_bits:
+        scratch = either  # `take` lives in spare_bits; `either` is free
+    # acc = agree ? average : acc;  then  take ? delta : acc
+    average_bits = average.view(torch.int32)
+    average_bits.bitwise_xor_(acc_bits).bitwise_and_(agree)
+    acc_bits.bitwise_xor_(average_bits)
+    torch.bitwise_xor(acc_bits, delta_bits, out=scratch)
+    acc_bits.bitwise_xor_(scratch.bitwise_and_(take))
+    # count = agree ? c : count;  then  take ? 1 : count
+    new_bits = new.view(torch.int32)
+    num_bits.bitwise_xor_(new_bits.bitwise_xor_(num_bits).bitwise_and_(agree))
+    torch.bitwise_xor(num_bits, work.one_bits, out=scratch)
+    num_bits.bitwise_xor_(scratch.bitwise_and_(take))

@@ -12,7 +12,9 @@ Order of work, so that bad input costs nothing and leaves nothing behind:
    through its raw-tensor planning (:mod:`.raw_tensors`);
 4. everything is written into a hidden temporary directory beside OUTPUT,
    completed with an index, a ``circuit_merge.json`` manifest and its digest,
-   and only then renamed to OUTPUT.
+   and (unless ``--no-report``) ``circuit_merge_report.json``, written by the
+   merge method itself as it merges (:mod:`.report_writer`), with variants
+   labelled as given on the command line; only then is it renamed to OUTPUT.
 """
 
 from __future__ import annotations
@@ -327,6 +329,19 @@ def _publish(temp: Path, output: Path, *, overwrite: bool) -> None:
     os.rename(temp, output)
 
 
+@contextmanager
+def _reporting(request: MergeRequest, inputs: Inputs, out: Path) -> Iterator[None]:
+    """Count contributions into OUT/circuit_merge_report.json unless --no-report."""
+    if not request.report:
+        yield
+        return
+    from circuit_merge_plugin.report_writer import REPORT_FILE, reporting_to
+
+    aliases = {str(model.path): model.given for model in (inputs.base, *inputs.variants)}
+    with reporting_to(str(out / REPORT_FILE), aliases):
+        yield
+
+
 def run_job(request: MergeRequest, *, inputs: Optional[Inputs] = None) -> tuple:
     """Run a whole merge; return (output path, mode, digest)."""
     inputs = inputs or check_inputs(request)
@@ -334,10 +349,11 @@ def run_job(request: MergeRequest, *, inputs: Optional[Inputs] = None) -> tuple:
     # is imported: importing this package installed the hook (see registration.py).
     mode = choose_mode(inputs)
     with atomic_directory(inputs.output, overwrite=request.overwrite) as temp:
-        if mode == "transformers":
-            merge_transformers(request, inputs, temp)
-        else:
-            merge_raw(request, inputs, temp)
+        with _reporting(request, inputs, temp):
+            if mode == "transformers":
+                merge_transformers(request, inputs, temp)
+            else:
+                merge_raw(request, inputs, temp)
         ensure_index(temp)
         digest = write_manifest(temp, request, inputs, mode)
     return inputs.output, mode, digest

@@ -41,13 +41,15 @@ from mergekit.merge_methods.base import (
 )
 
 from circuit_merge_plugin import METHOD_NAME, PRETTY_NAME, REFERENCE_URL
-from circuit_merge_plugin.kernel import circuit_merge
+from circuit_merge_plugin.kernel import circuit_merge, circuit_merge_with_stats
 from circuit_merge_plugin.params import (
     GLOBAL_PARAMETERS,
+    OUTPUT_PARAMETERS,
     VARIANT_PARAMETERS,
     check_parameter,
     params_from_values,
 )
+from circuit_merge_plugin.report_writer import REPORT_ENV, record, target_for
 
 #: Largest seed magnitude a float64 (mergekit 0.1.4's parsed recipe number)
 #: represents exactly together with all its neighbours.
@@ -56,6 +58,11 @@ MAX_EXACT_SEED = 2**53
 
 def check_014(name: str, value: Any) -> Any:
     """:func:`check_parameter` for values that went through 0.1.4's float parse."""
+    if name == "report" and value is not None and not isinstance(value, str):
+        raise ValueError(
+            f"report must be a path, got {value!r}: mergekit 0.1.4 reads recipe "
+            f"values as numbers, so set the environment variable {REPORT_ENV}=PATH instead"
+        )
     if name == "rescale" and isinstance(value, float) and value in (0.0, 1.0):
         value = value == 1.0
     elif name == "seed" and isinstance(value, float):
@@ -119,6 +126,8 @@ class CircuitMergeTask(Task[torch.Tensor]):
     global_values: Tuple[Tuple[str, Any], ...]
     #: Validated drop_rate override per non-base model (None = computed).
     drop_rates: Tuple[Tuple[ModelReference, Optional[float]], ...]
+    #: The ``report`` path (never from a 0.1.4 recipe, which holds only numbers).
+    report: Optional[str] = None
 
     def arguments(self) -> Dict[str, Task]:
         return {"tensors": self.gather_tensors}
@@ -176,15 +185,21 @@ class CircuitMergeTask(Task[torch.Tensor]):
             dtype = torch.promote_types(dtype, tensor.dtype)
         base = tensors[self.base_model].to(dtype=dtype)
         overrides = dict(self.drop_rates)
+        params = params_from_values(dict(self.global_values))
+        labels = [str(self.base_model), *(str(m) for m, _ in variants)]
+        arguments = dict(
+            drop_rate=[overrides.get(model) for model, _ in variants],
+            name=name,
+            labels=labels,
+        )
+        tensors = [tensor.to(dtype=dtype) for _, tensor in variants]
+        target = target_for(self.report)
         with torch.autocast(device_type=base.device.type, enabled=False):
-            return circuit_merge(
-                base,
-                [tensor.to(dtype=dtype) for _, tensor in variants],
-                params_from_values(dict(self.global_values)),
-                drop_rate=[overrides.get(model) for model, _ in variants],
-                name=name,
-                labels=[str(self.base_model), *(str(m) for m, _ in variants)],
-            )
+            if target is None:
+                return circuit_merge(base, tensors, params, **arguments)
+            merged, stats = circuit_merge_with_stats(base, tensors, params, **arguments)
+        record(target, name, labels[1:], stats, params.as_dict())
+        return merged
 
 
 class CircuitMerge014(MergeMethod):
@@ -202,7 +217,7 @@ class CircuitMerge014(MergeMethod):
     def parameters(self) -> List[ConfigParameterDef]:
         return [
             ConfigParameterDef(name=info.name, required=False, default_value=info.default)
-            for info in GLOBAL_PARAMETERS
+            for info in GLOBAL_PARAMETERS + OUTPUT_PARAMETERS
         ]
 
     def tensor_parameters(self) -> List[ConfigParameterDef]:
@@ -245,6 +260,12 @@ class CircuitMerge014(MergeMethod):
             except ValueError as error:
                 raise ValueError(f"{error} (tensor {name})") from None
 
+        report = parameters["report"] if "report" in parameters else None
+        try:
+            report = check_014("report", report)
+        except ValueError as error:
+            raise ValueError(f"{error} (tensor {name})") from None
+
         drop_rates = []
         for model in variants:
             model_values = (
@@ -263,6 +284,7 @@ class CircuitMerge014(MergeMethod):
             model_order=order,
             global_values=tuple(global_values),
             drop_rates=tuple(drop_rates),
+            report=report,
         )
 
 

@@ -3,7 +3,10 @@
 A thin adapter: mergekit resolves and validates the recipe parameters (through
 the validators below, shared with every front end), loads and aligns the
 tensors, and hands one :class:`TensorGroup` per output tensor to
-:meth:`CircuitMerge.merge_group`, which calls the kernel.
+:meth:`CircuitMerge.merge_group`, which calls the kernel. With the recipe
+parameter ``report: PATH`` (or ``CIRCUIT_MERGE_REPORT``) it calls the counting
+kernel instead, which merges to the same bytes, and adds the tensor's counts to
+the report file (:mod:`circuit_merge_plugin.report_writer`).
 """
 
 from __future__ import annotations
@@ -26,13 +29,15 @@ from pydantic import AfterValidator
 from typing_extensions import Annotated
 
 from circuit_merge_plugin import METHOD_NAME, PRETTY_NAME, REFERENCE_URL
-from circuit_merge_plugin.kernel import circuit_merge
+from circuit_merge_plugin.kernel import circuit_merge, circuit_merge_with_stats
 from circuit_merge_plugin.params import (
     GLOBAL_PARAMETERS,
+    OUTPUT_PARAMETERS,
     VARIANT_PARAMETERS,
     check_parameter,
     params_from_values,
 )
+from circuit_merge_plugin.report_writer import record, target_for
 
 
 def _validated(name: str) -> Any:
@@ -40,7 +45,7 @@ def _validated(name: str) -> Any:
 
 
 def _spec_parameters():
-    for info in GLOBAL_PARAMETERS:
+    for info in GLOBAL_PARAMETERS + OUTPUT_PARAMETERS:
         yield ParameterSpec(
             info.name,
             _validated(info.name),
@@ -78,14 +83,21 @@ class CircuitMerge(GroupMergeMethod):
         base = group.base
         variants = group.non_base
         drop_rate = parameters.get("drop_rate") or {}
-        return circuit_merge(
-            base.tensor,
-            [entry.tensor for entry in variants],
-            params_from_values(parameters),
+        params = params_from_values(parameters)
+        name = group.metadata.name or ""
+        labels = [str(entry.id) for entry in (base, *variants)]
+        arguments = dict(
             drop_rate=[drop_rate.get(entry.id) for entry in variants],
-            name=group.metadata.name or "",
-            labels=[str(entry.id) for entry in (base, *variants)],
+            name=name,
+            labels=labels,
         )
+        tensors = [entry.tensor for entry in variants]
+        target = target_for(parameters.get("report"))
+        if target is None:
+            return circuit_merge(base.tensor, tensors, params, **arguments)
+        merged, stats = circuit_merge_with_stats(base.tensor, tensors, params, **arguments)
+        record(target, name, labels[1:], stats, params.as_dict())
+        return merged
 
 
 def circuit_method() -> CircuitMerge:

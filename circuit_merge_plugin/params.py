@@ -31,6 +31,10 @@ class ParameterInfo:
             if isinstance(value, bool):
                 return value
             raise ValueError(f"{self.name} must be true or false, got {value!r}")
+        if self.kind is str:
+            if isinstance(value, str) and value.strip():
+                return value
+            raise ValueError(f"{self.name} must be {self.range_text}, got {value!r}")
         if self.kind is int:
             if isinstance(value, bool) or not isinstance(value, int):
                 if isinstance(value, float) and value.is_integer():
@@ -132,7 +136,20 @@ VARIANT_PARAMETERS = (
     ),
 )
 
-_BY_NAME = {p.name: p for p in GLOBAL_PARAMETERS + VARIANT_PARAMETERS}
+#: Parameters that change what a merge writes beside the model, never the model.
+OUTPUT_PARAMETERS = (
+    ParameterInfo(
+        "report",
+        str,
+        None,
+        "a file or directory path (a string)",
+        "Write circuit_merge_report.json (what each variant kept, dropped, "
+        "overwrote and contributed) to this directory, or to this file if it "
+        "ends in .json. Off when not given.",
+    ),
+)
+
+_BY_NAME = {p.name: p for p in GLOBAL_PARAMETERS + VARIANT_PARAMETERS + OUTPUT_PARAMETERS}
 
 
 def check_parameter(name: str, value: Any) -> Any:

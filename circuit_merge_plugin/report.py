@@ -12,7 +12,7 @@ The report file (version 1)::
     {"format": "circuit-merge-report", "version": 1,
      "variants": ["<label of V1>", ...],          # listing order, V1 = highest priority
      "parameters": {"temperature": .., "base_droprate": .., ...},
-     "tensors": {"<name>": {"numel": int, "drop_rates": [float per variant],
+     "tensors": {"<name>": {"numel": int, "drop_rates": [float or null per variant],
          "variants": [{"changed", "kept", "dropped", "taken", "overwrote",
                        "averaged", "overwritten": int, "final_share": float}, ...]}},
      "analysis": {...}}                           # optional: a `circuit-merge analyze --json` document
@@ -25,6 +25,10 @@ elements that replaced a disagreeing accumulated value (sign conflict);
 (``taken + overwrote + averaged = kept``); ``overwritten``: elements of this
 variant's contribution later overwritten by a higher-priority variant;
 ``final_share``: the variant's share of the tensor's final sum of ``|delta|``.
+A variant that lacks a tensor (an optional weight) has a null drop rate and
+zero counts there. The counts are made by the kernel
+(:mod:`circuit_merge_plugin.tally`) and written by
+:mod:`circuit_merge_plugin.report_writer`.
 
 Aggregation (:func:`aggregate`) groups tensors into layers by their
 ``layers.N.`` index (embeddings, head and other as their own groups). Counts
@@ -69,15 +73,12 @@ from circuit_merge_plugin.insight_render import (
     variant_tags,
     write_outputs,
 )
+from circuit_merge_plugin.report_writer import COUNTS, FORMAT, REPORT_ENV, REPORT_FILE, VERSION
 
 PROG = "circuit-merge report"
-REPORT_FILE = "circuit_merge_report.json"
-FORMAT = "circuit-merge-report"
 SUMMARY_FORMAT = "circuit-merge-report-summary"
-VERSION = 1
 EXIT_REFUSED = 2
 
-COUNTS = ("changed", "kept", "dropped", "taken", "overwrote", "averaged", "overwritten")
 #: final_share sums within this of 1 count as 1.
 SHARE_TOLERANCE = 1e-4
 
@@ -100,7 +101,7 @@ def report_path(directory: str) -> Path:
     if not candidate.is_file():
         raise Refused(
             f"{directory}: no {REPORT_FILE} (written by circuit-merge merges, and by "
-            "mergekit-yaml merges that ask for it in the recipe)"
+            f"mergekit-yaml merges with the recipe parameter report: PATH or {REPORT_ENV}=PATH)"
         )
     return candidate
 
@@ -155,8 +156,10 @@ def validate_report(report) -> None:
         if not _is_int(entry.get("numel")):
             raise ValueError(f"{where}: 'numel' must be a non-negative integer")
         rates = entry.get("drop_rates")
-        if not isinstance(rates, list) or len(rates) != n or not all(_is_number(r) for r in rates):
-            raise ValueError(f"{where}: 'drop_rates' must hold {n} numbers")
+        if not isinstance(rates, list) or len(rates) != n or not all(
+            r is None or _is_number(r) for r in rates
+        ):
+            raise ValueError(f"{where}: 'drop_rates' must hold {n} numbers (null: variant absent)")
         rows = entry.get("variants")
         if not isinstance(rows, list) or len(rows) != n:
             raise ValueError(f"{where}: 'variants' must hold {n} entries (one per variant)")
@@ -282,6 +285,8 @@ def drop_rate_ranges(report: dict) -> List[Tuple[float, float]]:
     ranges: List[Optional[Tuple[float, float]]] = [None] * n
     for entry in report["tensors"].values():
         for index, rate in enumerate(entry["drop_rates"]):
+            if rate is None:  # the variant lacks this tensor
+                continue
             low, high = ranges[index] or (rate, rate)
             ranges[index] = (min(low, rate), max(high, rate))
     return [r if r is not None else (0.0, 0.0) for r in ranges]

@@ -56,6 +56,7 @@ class MergeRequest:
     quiet: bool = False
     overwrite: bool = False
     allow_pickle: bool = False
+    report: bool = True  # write circuit_merge_report.json into the output
     sources: Dict[str, str] = field(default_factory=dict)  # parameter -> where from
 
 

@@ -46,7 +46,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 #: Count columns of the device totals, in this order.
-_COLUMNS = ("changed", "kept", "taken", "take", "survived")
+_COLUMNS = ("below", "kept", "taken", "take", "survived")
 _ABS_BITS = 0x7FFFFFFF
 
 
@@ -125,7 +125,7 @@ class Tally:
         self.take = torch.empty(count, size, **i32)
         self.delta = torch.empty(count, size, **f32)
         self.num = torch.empty(count, size, **f32) if self.general else None
-        # scratch: the masks counted (changed, kept, taken, take, live), reused after
+        # scratch: the masks counted (below threshold, kept, taken, take, live), reused after
         self.masks = torch.empty(len(_COLUMNS), count, size, **i32)
         self.totals = torch.zeros(count, len(_COLUMNS), dtype=torch.int64, device=device)
         wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
@@ -138,8 +138,8 @@ class Tally:
         """Classify the rows of a chunk of ``size`` elements; add to the totals."""
         last = self.count - 1
         drop, take_raw = self.drop[:, :size], self.take[:, :size]
-        changed, kept, taken, take, live = self.masks[:, :, :size]
-        torch.bitwise_right_shift(self.below[:, :size], 31, out=changed).bitwise_not_()
+        below, kept, taken, take, live = self.masks[:, :, :size]
+        torch.bitwise_right_shift(self.below[:, :size], 31, out=below)
         torch.bitwise_not(drop, out=kept)
         # "nothing accumulated before step s" = every earlier step dropped (an
         # accumulated value never returns to 0): a forward cumulative AND
@@ -157,21 +157,23 @@ class Tally:
         self.totals.sub_(self.masks[:, :, :size].sum(2, dtype=torch.int32).T)
 
         averaged = torch.bitwise_xor(kept, take, out=take_raw)
-        factor_bits, magnitude_bits, scale_bits = changed, kept, taken  # reused
+        factor_bits, magnitude_bits, scale_bits = below, kept, taken  # reused
+        # weight of step s: own_s times the alphas of the later averages
+        scale = scale_bits.view(torch.float32)
         if self.general:
             alpha, beta = self._alpha_beta(size)
             own = _select_bits(averaged, beta, self._one)
             factor = _select_bits(averaged, alpha, self._one, out=factor_bits)
-        else:  # T = 0: alpha = beta = 1/2
+            scale[last].fill_(1.0)
+            for step in range(last - 1, -1, -1):
+                torch.mul(scale[step + 1], factor[step + 1], out=scale[step])
+            scale.mul_(own)
+        else:  # T = 0: alpha = beta = 1/2, so the weight is a product over steps >= s
             torch.bitwise_and(averaged, self._half_flip, out=factor_bits)
             factor = factor_bits.bitwise_xor_(self._one).view(torch.float32)
-            own = factor
-        # weight of step s: own_s times the alphas of the later averages
-        scale = scale_bits.view(torch.float32)
-        scale[last].fill_(1.0)
-        for step in range(last - 1, -1, -1):
-            torch.mul(scale[step + 1], factor[step + 1], out=scale[step])
-        scale.mul_(own)
+            scale[last].copy_(factor[last])
+            for step in range(last - 1, -1, -1):
+                torch.mul(scale[step + 1], factor[step], out=scale[step])
         # |delta| where live (garbage where dropped is masked bitwise, never multiplied)
         torch.bitwise_and(self.delta[:, :size].view(torch.int32), self._abs, out=magnitude_bits)
         magnitude = magnitude_bits.bitwise_and_(live).view(torch.float32).mul_(scale)
@@ -194,7 +196,8 @@ class Tally:
         whole = sum(mass)
         rows = []
         for step in range(self.count - 1, -1, -1):  # listing order
-            changed, kept, taken, take, survived = totals[step]
+            below, kept, taken, take, survived = totals[step]
+            changed = numel - below
             rows.append(
                 VariantStats(
                     changed=changed,

@@ -12,7 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import yaml
@@ -45,23 +45,29 @@ class Runs:
         self._started = {}
         self._max_parallel = max_parallel
 
-    def command(self, label: str, argv: Sequence[str], workdir: Path) -> None:
+    def command(
+        self, label: str, argv: Sequence[str], workdir: Path, env: Optional[dict] = None
+    ) -> None:
+        """Queue ``argv``; ``env`` adds variables to :func:`subprocess_env`."""
         workdir.mkdir(parents=True, exist_ok=True)
-        self._queued.append((label, [str(a) for a in argv], workdir))
+        self._queued.append((label, [str(a) for a in argv], workdir, dict(env or {})))
         self._fill()
 
     def _fill(self) -> None:
         running = sum(p.poll() is None for p, _, _ in self._started.values())
         while self._queued and running < self._max_parallel:
-            label, argv, workdir = self._queued.pop(0)
+            label, argv, workdir, env = self._queued.pop(0)
             out = open(workdir / f"{label}.stdout", "w")
             err = open(workdir / f"{label}.stderr", "w")
-            process = subprocess.Popen(argv, stdout=out, stderr=err, env=subprocess_env())
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=err, env=dict(subprocess_env(), **env)
+            )
             self._started[label] = (process, out, err)
             running += 1
 
     def mergekit_yaml(
-        self, label: str, bin_dir: Path, config: dict, out: Path, *args: str
+        self, label: str, bin_dir: Path, config: dict, out: Path, *args: str,
+        env: Optional[dict] = None,
     ) -> None:
         """Start ``bin_dir/mergekit-yaml`` on ``config``, writing to ``out``."""
         out = Path(out)
@@ -69,7 +75,7 @@ class Runs:
         recipe = out.parent / f"{out.name}.yaml"
         recipe.write_text(yaml.safe_dump(config, sort_keys=False))
         self.command(
-            label, [Path(bin_dir) / "mergekit-yaml", recipe, out, *args], out.parent
+            label, [Path(bin_dir) / "mergekit-yaml", recipe, out, *args], out.parent, env
         )
 
     def wait(self, timeout: float = 600) -> Dict[str, Finished]:

@@ -25,8 +25,9 @@ import yaml
 from safetensors.torch import save_file
 
 from circuit_merge_plugin.digest import digest_directory
-from circuit_merge_plugin.kernel import circuit_merge
+from circuit_merge_plugin.kernel import circuit_merge, circuit_merge_with_stats
 from circuit_merge_plugin.params import CircuitParams
+from circuit_merge_plugin.report import check_report, load_report
 from conftest import load_tensors
 from mergekit_runs import subprocess_env
 
@@ -205,7 +206,10 @@ def merges(tmp_path_factory, bare, big, llama_family):
         },
     }
     (root / "seed.yaml").write_text(yaml.safe_dump(config))
-    runs.start("config", "--config", root / "seed.yaml", "--temperature", "0.3", "--overwrite", "-q")
+    runs.start(
+        "config", "--config", root / "seed.yaml", "--temperature", "0.3", "--overwrite",
+        "--no-report", "-q",
+    )
     # A transformers model on the random path (default drop rates, seed 3).
     base, v1, v2 = llama_family.base, *llama_family.variants[:2]
     runs.start("llama", base, v1, v2, root / "llama", "--seed", "3")
@@ -291,6 +295,19 @@ def test_bare_tensors_exact_when_drop_rates_are_zero(merges, bare):
     assert set(manifest["versions"]) >= {"circuit-merge-plugin", "mergekit", "torch"}
     assert manifest["digest"]["value"] == digest_directory(out)
     assert not list(merges.root.glob(".flags*"))
+    # the contribution report, with the variants as given on the command line
+    report = load_report(str(out))
+    assert check_report(report) == []
+    assert report["variants"] == [str(bare / "v1"), str(bare / "v2pk")]
+    assert report["parameters"] == manifest["parameters"]
+    for name in ("w0", "w1", "w2", "norm"):
+        _, stats = circuit_merge_with_stats(base[name], [v1[name], v2[name]], EXACT, name=name)
+        assert report["tensors"][name] == stats.as_dict(), name
+    # merged from v1 alone: v2 has no drop rate and no counts there
+    assert report["tensors"]["w3"]["drop_rates"][1] is None
+    assert report["tensors"]["w3"]["variants"][1]["changed"] == 0
+    assert report["tensors"]["w3"]["variants"][0]["changed"] > 0
+    assert "only_v2" not in report["tensors"]  # copied, not merged
 
 
 def test_flag_and_config_forms_give_the_same_bytes(merges):
@@ -308,6 +325,9 @@ def test_flag_and_config_forms_give_the_same_bytes(merges):
     assert mb["parameter_sources"]["temperature"] == "command line"
     assert mb["parameter_sources"]["seed"] == "config"
     assert ma["digest"] == mb["digest"]
+    # --no-report: no report, and the same model either way
+    assert (a / "circuit_merge_report.json").is_file()
+    assert not (b / "circuit_merge_report.json").exists()
 
 
 @pytest.mark.skipif(not OTHER_PYTHON, reason="CIRCUIT_OTHER_PYTHON not set (.ci/test sets it)")
@@ -329,6 +349,10 @@ def test_transformers_model_goes_through_mergekit_planner(merges, llama_family):
         assert (out / name).is_file(), name
     recipe = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert recipe["merge_method"] == "circuit"
+    assert "report" not in recipe["parameters"]  # the report is the CLI's, not the recipe's
+    report = load_report(str(out))
+    assert report["variants"] == [str(p) for p in llama_family.variants[:2]]
+    assert check_report(report) == [] and len(report["tensors"]) == len(load_tensors(out))
     assert json.loads((out / "circuit_merge.json").read_text())["mode"] == "transformers"
     merged = load_tensors(out)
     base = load_tensors(llama_family.base)

@@ -23,6 +23,7 @@ import torch
 from circuit_merge_plugin.kernel import circuit_merge
 from circuit_merge_plugin.params import (
     GLOBAL_PARAMETERS,
+    OUTPUT_PARAMETERS,
     VARIANT_PARAMETERS,
     CircuitParams,
 )
@@ -129,7 +130,7 @@ def test_registered_in_the_014_registry():
 def test_same_parameter_names_and_defaults():
     method = adapter().CircuitMerge014()
     assert [(p.name, p.default_value, p.required) for p in method.parameters()] == [
-        (info.name, info.default, False) for info in GLOBAL_PARAMETERS
+        (info.name, info.default, False) for info in GLOBAL_PARAMETERS + OUTPUT_PARAMETERS
     ]
     assert [(p.name, p.default_value) for p in method.tensor_parameters()] == [
         (info.name, info.default) for info in VARIANT_PARAMETERS
@@ -152,6 +153,11 @@ def test_float_parsed_recipe_values():
         check_014("seed", float(2**60))
     with pytest.raises(ValueError, match="seed must be an integer"):
         check_014("seed", 1.5)
+    # report: a path, which a 0.1.4 recipe cannot hold; the error says what to do
+    assert check_014("report", "out/r.json") == "out/r.json"
+    assert check_014("report", None) is None
+    with pytest.raises(ValueError, match="report must be a path, got 1.0.*CIRCUIT_MERGE_REPORT"):
+        check_014("report", 1.0)
 
 
 @pytest.mark.parametrize(

@@ -96,6 +96,7 @@ BAD = {
         None,
         "base_droprate must be in [0, 1), got 1.0",
     ),
+    "bad_report": ({"report": 5}, None, "report must be"),
 }
 
 
@@ -124,12 +125,19 @@ def merges(llama_family, qwen_family, tmp_path_factory):
         "bf16": (bf16, ()),
         "qwen_bf16": (qwen_bf16, ("--random-seed", "7")),
         "no_base": (no_base, ()),
+        # the contribution report: recipe parameter (0.1.5) into the output itself
+        "report_recipe": (recipe(llama_family, dict(STOCHASTIC, report=str(root / "report_recipe"))), ()),
     }
     for label, (parameters, per_model, _) in BAD.items():
         jobs[label] = (recipe(llama_family, parameters, per_model), ())
     runs = Runs(max_parallel=3)
     for label, (config, args) in jobs.items():
         runs.mergekit_yaml(label, BIN, config, root / label, *args)
+    # ... and the environment variable (either mergekit)
+    runs.mergekit_yaml(
+        "report_env", BIN, recipe(llama_family, STOCHASTIC), root / "report_env",
+        env={"CIRCUIT_MERGE_REPORT": str(root / "env-report.json")},
+    )
     results = runs.wait()
     return root, results
 
@@ -291,3 +299,56 @@ def test_base_model_is_required(merges):
     result = merges[1]["no_base"]
     assert result.returncode != 0
     assert "base" in result.stderr.lower()
+
+
+# ---------------------------------------------------------------- the report (issue 7)
+
+
+def _check_report_file(path, family, params, merged_tensors):
+    """A complete, consistent report whose counts are the kernel's."""
+    from circuit_merge_plugin.kernel import circuit_merge_with_stats
+    from circuit_merge_plugin.report import check_report, load_report
+
+    report = load_report(str(path))
+    assert check_report(report) == []
+    assert report["variants"] == [str(p) for p in family.variants]
+    assert report["parameters"] == CircuitParams(**params).as_dict()
+    assert set(report["tensors"]) == set(merged_tensors)
+    base = load_tensors(family.base)
+    variants = [load_tensors(p) for p in family.variants]
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        _, stats = circuit_merge_with_stats(
+            base[name], [v[name] for v in variants], CircuitParams(**params), name=name
+        )
+        assert report["tensors"][name] == stats.as_dict(), name
+    return report
+
+
+def test_report_from_the_environment_variable(merges, llama_family):
+    """CIRCUIT_MERGE_REPORT=PATH (mergekit 0.1.4 and 0.1.5): same model bytes, a report."""
+    with_report = merged(merges, "report_env")
+    assert_same_tensors(with_report, merged(merges, "llama"))
+    report = _check_report_file(merges[0] / "env-report.json", llama_family, STOCHASTIC, with_report)
+    total = sum(row["kept"] for entry in report["tensors"].values() for row in entry["variants"])
+    assert total > 0
+
+
+def test_report_recipe_parameter(merges, llama_family, api):
+    root, results = merges
+    if api == "0.1.4":  # its recipe schema holds numbers only: refused by mergekit
+        assert results["report_recipe"].returncode != 0
+        assert "report" in results["report_recipe"].stderr
+        assert not list((root / "report_recipe").glob("*.safetensors"))
+        return
+    with_report = merged(merges, "report_recipe")
+    assert_same_tensors(with_report, merged(merges, "llama"))
+    out = root / "report_recipe"
+    _check_report_file(out / "circuit_merge_report.json", llama_family, STOCHASTIC, with_report)
+    assert not list(out.glob(".*.tmp"))  # atomic rewrites leave no temporary file
+    import subprocess
+
+    shown = subprocess.run(
+        [str(BIN / "circuit-merge"), "report", str(out)], capture_output=True, text=True
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "V1 = " + str(llama_family.variants[0]) in shown.stdout
