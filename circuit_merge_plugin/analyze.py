@@ -59,8 +59,8 @@ import click
 
 from circuit_merge_plugin.insight_render import (
     agreement_matrix,
+    check_chart_options,
     check_output_file,
-    check_png_dir,
     fmt_count,
     fmt_float,
     fmt_share,
@@ -71,7 +71,6 @@ from circuit_merge_plugin.insight_render import (
     html_paragraph,
     html_table,
     layer_group,
-    require_matplotlib,
     run_click,
     text_table,
     variant_tags,
@@ -925,10 +924,7 @@ def analyze_command(paths, threshold, json_path, html_path, png_dir, quiet):
     if len(paths) < 2:
         raise Refused("give BASE and at least one VARIANT directory")
     check_output_file(json_path, "--json")
-    check_output_file(html_path, "--html")
-    check_png_dir(png_dir)
-    if html_path is not None or png_dir is not None:
-        require_matplotlib()
+    check_chart_options(html_path, png_dir)
     doc = analyze(paths[0], list(paths[1:]), threshold=threshold, progress=not quiet)
     if json_path != "-":
         click.echo(render_text(doc), nl=False)

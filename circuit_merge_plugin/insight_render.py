@@ -340,6 +340,14 @@ def check_png_dir(path: Optional[str]) -> None:
         raise ValueError(f"--png-dir {path}: exists and is not a directory")
 
 
+def check_chart_options(html_path: Optional[str], png_dir: Optional[str]) -> None:
+    """Before any long work: --html FILE writable, --png-dir usable, matplotlib there if needed."""
+    check_output_file(html_path, "--html")
+    check_png_dir(png_dir)
+    if html_path is not None or png_dir is not None:
+        require_matplotlib()
+
+
 def write_outputs(
     doc: dict,
     *,

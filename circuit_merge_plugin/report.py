@@ -55,8 +55,7 @@ import click
 
 from circuit_merge_plugin.insight_render import (
     agreement_matrix,
-    check_output_file,
-    check_png_dir,
+    check_chart_options,
     fmt_count,
     fmt_share,
     group_sort_key,
@@ -66,7 +65,6 @@ from circuit_merge_plugin.insight_render import (
     html_paragraph,
     html_table,
     layer_group,
-    require_matplotlib,
     run_click,
     stacked_bars_png,
     text_table,
@@ -488,10 +486,7 @@ def report_command(directory, as_json, html_path, png_dir, analysis_path, quiet)
     elements kept, dropped by MAGPRUNE, overwriting on sign conflicts and
     averaged on agreement, and each variant's share of the final delta.
     """
-    check_output_file(html_path, "--html")
-    check_png_dir(png_dir)
-    if html_path is not None or png_dir is not None:
-        require_matplotlib()
+    check_chart_options(html_path, png_dir)
     report = load_report(directory)
     analysis = None
     if analysis_path is not None:

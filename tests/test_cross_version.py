@@ -1,4 +1,5 @@
-"""Same recipe, same seed, same inputs: byte-identical tensors under mergekit 0.1.4 and 0.1.5.
+"""Same recipe, same seed, same inputs: byte-identical tensors (and contribution
+reports) under mergekit 0.1.4 and 0.1.5.
 
 .ci/test runs the suite in both environments and sets CIRCUIT_OTHER_PYTHON to
 the other environment's python; its ``mergekit-yaml`` sits next to it. This
@@ -19,6 +20,7 @@ import torch
 
 from circuit_merge_plugin.kernel import circuit_merge
 from circuit_merge_plugin.params import CircuitParams
+from circuit_merge_plugin.report import check_report, load_report
 from conftest import load_tensors
 from mergekit_runs import Runs, check, raw_bytes, subprocess_env
 
@@ -97,7 +99,8 @@ def test_byte_identical_across_mergekit_versions(llama_family, qwen_family, tmp_
     for side, bin_dir in (("here", here_bin), ("other", other_bin)):
         for name, (config, args) in recipes.items():
             runs.mergekit_yaml(
-                f"{name}-{side}", bin_dir, config, tmp_path / side / name, *args
+                f"{name}-{side}", bin_dir, config, tmp_path / side / name, *args,
+                env={"CIRCUIT_MERGE_REPORT": str(tmp_path / side / f"{name}.report.json")},
             )
     results = runs.wait()
 
@@ -120,6 +123,10 @@ def test_byte_identical_across_mergekit_versions(llama_family, qwen_family, tmp_
         )
         if name == "qwen":
             assert {t.dtype for t in here.values()} == {torch.float16}
+        # the contribution reports (CIRCUIT_MERGE_REPORT) are the same bytes too
+        reports = [(tmp_path / side / f"{name}.report.json").read_bytes() for side in ("here", "other")]
+        assert reports[0] == reports[1], f"{name}: the reports differ between mergekit versions"
+        assert check_report(load_report(str(tmp_path / "here" / f"{name}.report.json"))) == []
 
     # The recipes are stochastic: the result is not the drop-free merge.
     key = "model.layers.0.mlp.down_proj.weight"

@@ -1,10 +1,11 @@
 """The kernel's two accumulation paths give the same bits (performance work, issue 6).
 
-At temperature 0 the kernel folds deltas with integer bit selects on the
-float32 patterns (``_accumulate_t0``); every other case, and tensors with
-|delta| >= 2**100, use the plain ``torch.where`` formulation of the spec
-(``_accumulate``). Forcing the general path on T = 0 inputs must not change a
-single bit, for any dtype, threshold, drop rate, rescale setting or chunking.
+At temperature 0 the kernel folds deltas with the identity ``(h + x) * 0.5``
+on bit-selected float32 patterns (``_accumulate_t0``); every other case, and
+tensors with |delta| >= 2**100, use the general formulation of the spec, a
+count and the temperature average (``_accumulate``, also bit selects). Forcing
+the general path on T = 0 inputs must not change a single bit, for any dtype,
+threshold, drop rate, rescale setting or chunking.
 """
 
 from __future__ import annotations
