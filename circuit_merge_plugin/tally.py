@@ -41,7 +41,8 @@ chunk per variant, plus temporaries of the same size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from types import SimpleNamespace
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -133,51 +134,75 @@ class Tally:
         self._abs = torch.tensor(_ABS_BITS, **i32)
         self._one = torch.tensor(1.0, **f32).view(torch.int32)
         self._half_flip = torch.tensor(0.5, **f32).view(torch.int32) ^ self._one
+        self._31 = torch.tensor(31, **i32)
+        self._views: Dict[int, SimpleNamespace] = {}
 
     def finish_chunk(self, size: int) -> None:
         """Classify the rows of a chunk of ``size`` elements; add to the totals."""
+        v = self._views.get(size) or self._make_views(size)
         last = self.count - 1
-        drop, take_raw = self.drop[:, :size], self.take[:, :size]
-        below, kept, taken, take, live = self.masks[:, :, :size]
-        torch.bitwise_right_shift(self.below[:, :size], 31, out=below)
-        torch.bitwise_not(drop, out=kept)
+        below, kept, taken, take, live = v.masks
+        torch.bitwise_right_shift(v.below, self._31, out=below)
+        torch.bitwise_not(v.drop, out=kept)
         # "nothing accumulated before step s" = every earlier step dropped (an
         # accumulated value never returns to 0): a forward cumulative AND
-        taken[0].fill_(-1)
+        v.taken[0].fill_(-1)
         for step in range(1, self.count):
-            torch.bitwise_and(taken[step - 1], drop[step - 1], out=taken[step])
+            torch.bitwise_and(v.taken[step - 1], v.drop_rows[step - 1], out=v.taken[step])
         taken.bitwise_and_(kept)
-        torch.bitwise_and(take_raw, kept, out=take)
+        torch.bitwise_and(v.take_raw, kept, out=take)
         # live: kept and not taken by a later (higher-priority) step, i.e. an
         # exclusive reverse cumulative OR of take, inverted
-        live[last].zero_()
+        v.live[last].zero_()
         for step in range(last - 1, -1, -1):
-            torch.bitwise_or(live[step + 1], take[step + 1], out=live[step])
+            torch.bitwise_or(v.live[step + 1], v.take[step + 1], out=v.live[step])
         live.bitwise_not_().bitwise_and_(kept)
-        self.totals.sub_(self.masks[:, :, :size].sum(2, dtype=torch.int32).T)
+        self.totals.sub_(v.all_masks.sum(2, dtype=torch.int32).T)
 
-        averaged = torch.bitwise_xor(kept, take, out=take_raw)
-        factor_bits, magnitude_bits, scale_bits = below, kept, taken  # reused
+        averaged = torch.bitwise_xor(kept, take, out=v.take_raw)
+        factor_bits, magnitude_bits = below, kept  # reused
         # weight of step s: own_s times the alphas of the later averages
-        scale = scale_bits.view(torch.float32)
+        scale = v.scale
         if self.general:
             alpha, beta = self._alpha_beta(size)
             own = _select_bits(averaged, beta, self._one)
             factor = _select_bits(averaged, alpha, self._one, out=factor_bits)
-            scale[last].fill_(1.0)
+            v.scale_rows[last].fill_(1.0)
             for step in range(last - 1, -1, -1):
-                torch.mul(scale[step + 1], factor[step + 1], out=scale[step])
+                torch.mul(v.scale_rows[step + 1], factor[step + 1], out=v.scale_rows[step])
             scale.mul_(own)
         else:  # T = 0: alpha = beta = 1/2, so the weight is a product over steps >= s
             torch.bitwise_and(averaged, self._half_flip, out=factor_bits)
             factor = factor_bits.bitwise_xor_(self._one).view(torch.float32)
-            scale[last].copy_(factor[last])
+            v.scale_rows[last].copy_(factor[last])
             for step in range(last - 1, -1, -1):
-                torch.mul(scale[step + 1], factor[step], out=scale[step])
+                torch.mul(v.scale_rows[step + 1], factor[step], out=v.scale_rows[step])
         # |delta| where live (garbage where dropped is masked bitwise, never multiplied)
-        torch.bitwise_and(self.delta[:, :size].view(torch.int32), self._abs, out=magnitude_bits)
+        torch.bitwise_and(v.delta_bits, self._abs, out=magnitude_bits)
         magnitude = magnitude_bits.bitwise_and_(live).view(torch.float32).mul_(scale)
         self.mass.add_(magnitude.sum(1))
+
+    def _make_views(self, size: int) -> SimpleNamespace:
+        """The buffers cut to ``size`` columns, and their rows (made once per size)."""
+        masks = self.masks[:, :, :size]
+        _, _, taken, take, live = masks
+        scale = taken.view(torch.float32)  # taken is free once counted
+        v = SimpleNamespace(
+            all_masks=masks,
+            masks=tuple(masks),
+            below=self.below[:, :size],
+            drop=self.drop[:, :size],
+            drop_rows=tuple(self.drop[:, :size]),
+            take_raw=self.take[:, :size],
+            delta_bits=self.delta[:, :size].view(torch.int32),
+            taken=tuple(taken),
+            take=tuple(take),
+            live=tuple(live),
+            scale=scale,
+            scale_rows=tuple(scale),
+        )
+        self._views[size] = v
+        return v
 
     def _alpha_beta(self, size: int):
         """Per element: alpha (the earlier weights' factor) and beta (the new
