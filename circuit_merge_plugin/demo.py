@@ -5,19 +5,23 @@
 1. builds a small Llama-style base and three "fine-tuned" variants, with a tiny
    word-level tokenizer, locally (no network) under ``DIR/models``;
 2. runs ``mergekit-yaml`` (the console script installed next to this Python) on
-   a recipe from ``configs/`` (default ``configs/circuit.yaml``);
+   a recipe from ``configs/`` (default ``configs/circuit.yaml``), with
+   ``CIRCUIT_MERGE_REPORT`` set so that the merge writes its contribution report;
 3. loads the merged model with transformers and generates a few tokens;
-4. prints where everything is.
+4. prints the head of ``circuit-merge report`` on the merge;
+5. prints where everything is.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from circuit_merge_plugin.report_writer import REPORT_ENV, REPORT_FILE
 from circuit_merge_plugin.toymodels import build_family
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +49,7 @@ def run_demo(workdir: Path, recipe: Path | None = None, quiet: bool = False) -> 
     workdir.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else print
 
-    say(f"[1/4] building a base and 3 variants under {workdir / 'models'} ...")
+    say(f"[1/5] building a base and 3 variants under {workdir / 'models'} ...")
     family = build_family(workdir / "models", variants=3, seed=0)
 
     recipe_text = (
@@ -63,10 +67,12 @@ def run_demo(workdir: Path, recipe: Path | None = None, quiet: bool = False) -> 
 
     mergekit_yaml = Path(sys.executable).parent / "mergekit-yaml"
     command = [str(mergekit_yaml), str(recipe_path), str(out)]
-    say(f"[2/4] running: {' '.join(command)}  (in {workdir})")
-    subprocess.run(command, cwd=workdir, check=True)
+    say(f"[2/5] running: {' '.join(command)}  (in {workdir}),")
+    say(f"      with {REPORT_ENV}={out} for the contribution report")
+    env = dict(os.environ, **{REPORT_ENV: str(out)})
+    subprocess.run(command, cwd=workdir, check=True, env=env)
 
-    say("[3/4] loading the merged model with transformers and generating ...")
+    say("[3/5] loading the merged model with transformers and generating ...")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -83,13 +89,21 @@ def run_demo(workdir: Path, recipe: Path | None = None, quiet: bool = False) -> 
     say(f"      prompt:    {prompt!r}")
     say(f"      generated: {text!r}  (random tiny weights: the words are noise)")
 
-    say("[4/4] done. Everything is here:")
+    say(f"[4/5] what each variant contributed (circuit-merge report {out}):")
+    from circuit_merge_plugin.report import load_report, render_text, summary
+
+    text = render_text(summary(load_report(str(out))), str(out))
+    for line in text.splitlines()[:13]:
+        say(f"      {line}")
+
+    say("[5/5] done. Everything is here:")
     say(f"      base model:   {family.base}")
     for index, path in enumerate(family.variants, 1):
         say(f"      variant {index}:    {path}")
     say(f"      recipe:       {recipe_path}")
     say(f"      merged model: {out}")
     say(f"      model card:   {out / 'README.md'}")
+    say(f"      report:       {out / REPORT_FILE}  (circuit-merge report {out} --html page.html)")
     return out
 
 
