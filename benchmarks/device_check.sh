@@ -6,7 +6,8 @@
 #   2. the test suite, with CUDA available
 #   3. CPU == CUDA: the kernel's bytes on many inputs, and the digest of a real
 #      mergekit-yaml circuit merge run on CPU and with --cuda (same recipe, seed)
-#   4. circuit vs della with --cuda on a generated ~1B-parameter model (bf16)
+#   4. the contribution report's cost with --cuda (35M, 1 round; issue 7's 5% target)
+#   5. circuit vs della with --cuda on a generated ~1B-parameter model (bf16)
 #
 # Prepare here (network):  bash benchmarks/device_wheels.sh      -> .whl/
 # Run there (device tool): command "bash benchmarks/device_check.sh", carry [".whl"],
@@ -57,7 +58,8 @@ PYEOF
 "$PY" -c "from mergekit.merge_methods.registry import get; get('circuit'); print('merge_method circuit is registered')" \
     || FAILED+=("registration")
 
-# leaves >= 280 s for the digest check (<= 100 s) and the 1B timing (~160 s)
+# leaves >= 280 s for the digest check (<= 100 s), the report cost (<= 90 s, when
+# there is time) and the 1B timing (~160 s)
 TEST_LIMIT=$(( $(left) > 430 ? 150 : $(left) / 3 ))
 step "test suite (limit ${TEST_LIMIT}s)"
 if [ "${DEVICE_CHECK_SKIP_TESTS:-0}" = 1 ]; then
@@ -72,19 +74,29 @@ else
     [ "$TEST_RC" = 0 ] || FAILED+=("tests($TEST_RC)")
 fi
 
+CUDA_FLAG=(--cuda)
+[ "$DRY" = 1 ] && CUDA_FLAG=()
+
 step "CPU vs CUDA digests (limit 100s)"
 DIGEST_SIZE=35M
 [ "$DRY" = 1 ] && DIGEST_SIZE=2M
 timeout 100 "$PY" -m benchmarks.device_digest --size "$DIGEST_SIZE" --cache "$CACHE" \
     || FAILED+=("digest")
 
+if [ "$(left)" -gt 270 ]; then
+    REPORT_SIZE=35M
+    [ "$DRY" = 1 ] && REPORT_SIZE=2M
+    step "report cost, ${CUDA_FLAG[*]:-cpu}, $REPORT_SIZE float32 (limit 90s)"
+    timeout 90 "$PY" -m benchmarks.run --size "$REPORT_SIZE" --variants 3 --rounds 1 \
+        --kernel-rounds 2 --parts report "${CUDA_FLAG[@]}" --cache "$CACHE" --out "$OUT_DIR" \
+        --name "device-report" || FAILED+=("report-cost")
+fi
+
 REMAIN=$(left)
 SIZE=1B
 # ~1B: generating the bf16 family takes ~70 s there, each merge ~40 s
 if [ "$DRY" = 1 ]; then SIZE=9M; elif [ "$REMAIN" -lt 180 ]; then SIZE=350M; fi
 step "circuit vs della, --cuda, $SIZE bf16, 3 variants (limit $(( REMAIN - 15 ))s)"
-CUDA_FLAG=(--cuda)
-[ "$DRY" = 1 ] && CUDA_FLAG=()
 if [ "$REMAIN" -gt 90 ]; then
     timeout $(( REMAIN - 15 )) "$PY" -m benchmarks.run --size "$SIZE" --dtype bf16 --variants 3 \
         --rounds 1 --methods circuit,della --parts compare --no-warmup "${CUDA_FLAG[@]}" \
