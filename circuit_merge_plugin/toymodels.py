@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 #: A little corpus for the word-level tokenizer; every word becomes a token.
 _CORPUS = (
@@ -32,14 +32,26 @@ class ToyFamily:
     variants: List[Path]
 
 
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
 def build_tokenizer():
     """A word-level ``PreTrainedTokenizerFast`` built from the in-module corpus."""
+    return word_level_tokenizer([*SPECIAL_TOKENS, *sorted(set(_CORPUS.split()))])
+
+
+def word_level_tokenizer(tokens: Sequence[str]):
+    """A whitespace-split word-level fast tokenizer whose ids are ``tokens``' positions.
+
+    ``tokens`` must include :data:`SPECIAL_TOKENS` (unk, bos, eos, pad).
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    words = sorted(set(_CORPUS.split()))
-    vocab = {token: index for index, token in enumerate(specials + words)}
+    vocab = {token: index for index, token in enumerate(tokens)}
+    missing = [token for token in SPECIAL_TOKENS if token not in vocab]
+    if missing:
+        raise ValueError(f"word_level_tokenizer: tokens lack {missing}")
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(

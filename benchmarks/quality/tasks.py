@@ -130,19 +130,9 @@ def eval_sets(split: str, count: int, seed: int = 1234) -> Dict[str, List[Exampl
 
 def build_tokenizer():
     """A word-level fast tokenizer over :data:`VOCAB` (saved with every model)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from circuit_merge_plugin.toymodels import word_level_tokenizer
 
-    vocab = {token: index for index, token in enumerate(VOCAB)}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-    )
+    return word_level_tokenizer(VOCAB)
 
 
 TOKEN_ID = {token: index for index, token in enumerate(VOCAB)}
