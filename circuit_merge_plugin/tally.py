@@ -28,14 +28,17 @@ Shares are normalised by the sum of the attributed magnitudes, so they sum to 1
 exactly up to float rounding wherever the merge changed anything, and are all 0
 where it changed nothing.
 
-How it is counted: while merging a chunk, the kernel copies each variant's
-pre-accumulation state (accumulator, count, pruned delta, drop and threshold
-masks) into one row of a ``(variants, chunk)`` buffer; after the chunk the rows
-are classified together (a handful of vectorised ops, reverse cumulative
-sums/products over the variants for "overwritten later" and the weights) and
-folded into per-variant totals on the device. No host sync until
-:meth:`Tally.result`, once per tensor. Memory: 4-5 float32/int32 rows of one
-chunk per variant, plus temporaries of the same size.
+How it is counted: while merging a chunk, the kernel writes each variant
+step's pruned delta, drop mask and take mask straight into that step's row of
+``(variants, chunk)`` buffers (its own work buffers are those rows), and copies
+the threshold test and, on the general path, the count there. After the chunk the rows
+are classified together: int32 bit ops, a forward cumulative AND over the steps
+("nothing accumulated before"), a reverse cumulative OR ("overwritten later")
+and a reverse cumulative product (the weights); totals are folded in on the
+device. No host sync until :meth:`Tally.result`, once per tensor. Memory: about
+ten int32/float32 rows of one chunk per variant. Cost: some 25 elementwise ops
+per element and variant (the merge itself needs ~40); see the README's "Cost of
+the report".
 """
 
 from __future__ import annotations
