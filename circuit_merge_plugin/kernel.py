@@ -618,20 +618,19 @@ def _accumulate(buf, drop, temperature, work):
     agree = kept.bitwise_xor_(take)  # kept and not taken
 
     new = torch.add(num, 1.0, out=buf.draw)  # c
-    average = torch.add(acc, delta, out=buf.spare)
     if temperature == 0:
-        average.mul_(0.5)
+        average = torch.add(acc, delta, out=buf.spare).mul_(0.5)
     else:
         true_mean = torch.sub(new, 1, out=either.view(torch.float32))
         true_mean.mul_(acc).add_(delta)
         if temperature == 1:
             average = true_mean.div_(new)
         else:
+            average = torch.add(acc, delta, out=buf.spare)
             average.mul_(1 - temperature).mul_(0.5)
             average.add_(true_mean.mul_(temperature).div_(new))
-    scratch = buf.spare_bits if average is buf.spare else buf.spare.view(torch.int32)
-    if buf.take is None and scratch is buf.spare_bits:
-        scratch = either  # `take` lives in spare_bits; `either` is free
+    # int32 scratch: whichever of `either` and `spare` does not hold the average
+    scratch = buf.spare.view(torch.int32) if temperature == 1 else either
     # acc = agree ? average : acc;  then  take ? delta : acc
     average_bits = average.view(torch.int32)
     average_bits.bitwise_xor_(acc_bits).bitwise_and_(agree)

@@ -123,7 +123,7 @@ class Tally:
         i32 = dict(dtype=torch.int32, device=device)
         self.count = count
         self.temperature = float(temperature)
-        self.general = general or self.temperature != 0
+        self.general = general  # the kernel's general path: always so when T > 0
         self.below = torch.empty(count, size, **i32)
         self.drop = torch.empty(count, size, **i32)
         self.take = torch.empty(count, size, **i32)
