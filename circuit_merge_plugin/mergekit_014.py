@@ -41,7 +41,6 @@ from mergekit.merge_methods.base import (
 )
 
 from circuit_merge_plugin import METHOD_NAME, PRETTY_NAME, REFERENCE_URL
-from circuit_merge_plugin.kernel import circuit_merge, circuit_merge_with_stats
 from circuit_merge_plugin.params import (
     GLOBAL_PARAMETERS,
     OUTPUT_PARAMETERS,
@@ -49,7 +48,7 @@ from circuit_merge_plugin.params import (
     check_parameter,
     params_from_values,
 )
-from circuit_merge_plugin.report_writer import REPORT_ENV, record, target_for
+from circuit_merge_plugin.report_writer import REPORT_ENV, merge_tensor
 
 #: Largest seed magnitude a float64 (mergekit 0.1.4's parsed recipe number)
 #: represents exactly together with all its neighbours.
@@ -185,21 +184,16 @@ class CircuitMergeTask(Task[torch.Tensor]):
             dtype = torch.promote_types(dtype, tensor.dtype)
         base = tensors[self.base_model].to(dtype=dtype)
         overrides = dict(self.drop_rates)
-        params = params_from_values(dict(self.global_values))
-        labels = [str(self.base_model), *(str(m) for m, _ in variants)]
-        arguments = dict(
-            drop_rate=[overrides.get(model) for model, _ in variants],
-            name=name,
-            labels=labels,
-        )
-        tensors = [tensor.to(dtype=dtype) for _, tensor in variants]
-        target = target_for(self.report)
         with torch.autocast(device_type=base.device.type, enabled=False):
-            if target is None:
-                return circuit_merge(base, tensors, params, **arguments)
-            merged, stats = circuit_merge_with_stats(base, tensors, params, **arguments)
-        record(target, name, labels[1:], stats, params.as_dict())
-        return merged
+            return merge_tensor(
+                base,
+                [tensor.to(dtype=dtype) for _, tensor in variants],
+                params_from_values(dict(self.global_values)),
+                self.report,
+                drop_rate=[overrides.get(model) for model, _ in variants],
+                name=name,
+                labels=[str(self.base_model), *(str(m) for m, _ in variants)],
+            )
 
 
 class CircuitMerge014(MergeMethod):

@@ -4,9 +4,9 @@ A thin adapter: mergekit resolves and validates the recipe parameters (through
 the validators below, shared with every front end), loads and aligns the
 tensors, and hands one :class:`TensorGroup` per output tensor to
 :meth:`CircuitMerge.merge_group`, which calls the kernel. With the recipe
-parameter ``report: PATH`` (or ``CIRCUIT_MERGE_REPORT``) it calls the counting
-kernel instead, which merges to the same bytes, and adds the tensor's counts to
-the report file (:mod:`circuit_merge_plugin.report_writer`).
+parameter ``report: PATH`` (or ``CIRCUIT_MERGE_REPORT``) the counting kernel,
+which merges to the same bytes, also adds the tensor's counts to the report
+file (:func:`circuit_merge_plugin.report_writer.merge_tensor`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from pydantic import AfterValidator
 from typing_extensions import Annotated
 
 from circuit_merge_plugin import METHOD_NAME, PRETTY_NAME, REFERENCE_URL
-from circuit_merge_plugin.kernel import circuit_merge, circuit_merge_with_stats
 from circuit_merge_plugin.params import (
     GLOBAL_PARAMETERS,
     OUTPUT_PARAMETERS,
@@ -37,7 +36,7 @@ from circuit_merge_plugin.params import (
     check_parameter,
     params_from_values,
 )
-from circuit_merge_plugin.report_writer import record, target_for
+from circuit_merge_plugin.report_writer import merge_tensor
 
 
 def _validated(name: str) -> Any:
@@ -83,21 +82,15 @@ class CircuitMerge(GroupMergeMethod):
         base = group.base
         variants = group.non_base
         drop_rate = parameters.get("drop_rate") or {}
-        params = params_from_values(parameters)
-        name = group.metadata.name or ""
-        labels = [str(entry.id) for entry in (base, *variants)]
-        arguments = dict(
+        return merge_tensor(
+            base.tensor,
+            [entry.tensor for entry in variants],
+            params_from_values(parameters),
+            parameters.get("report"),
             drop_rate=[drop_rate.get(entry.id) for entry in variants],
-            name=name,
-            labels=labels,
+            name=group.metadata.name or "",
+            labels=[str(entry.id) for entry in (base, *variants)],
         )
-        tensors = [entry.tensor for entry in variants]
-        target = target_for(parameters.get("report"))
-        if target is None:
-            return circuit_merge(base.tensor, tensors, params, **arguments)
-        merged, stats = circuit_merge_with_stats(base.tensor, tensors, params, **arguments)
-        record(target, name, labels[1:], stats, params.as_dict())
-        return merged
 
 
 def circuit_method() -> CircuitMerge:

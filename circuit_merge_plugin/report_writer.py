@@ -20,8 +20,9 @@ always a complete, valid report of the tensors merged so far, and final as
 soon as the last tensor is merged; tensors are listed in natural name order,
 so the bytes do not depend on the order in which mergekit's executor ran them.
 A process that merges to the same report path again starts a new report the
-first time a tensor name repeats. Thread-safe; pure Python, no torch (the stats come in
-as :class:`~circuit_merge_plugin.tally.TensorStats`).
+first time a tensor name repeats. Thread-safe. Importing it loads no torch (the
+renderer, ``circuit-merge report``, uses its constants); :func:`merge_tensor`,
+the adapters' one call, imports the kernel when first called.
 """
 
 from __future__ import annotations
@@ -87,6 +88,25 @@ def reporting_to(target: str, aliases: Optional[Mapping[str, str]] = None) -> It
         with _lock:
             _default = previous
             _reports.pop(path, None)
+
+
+def merge_tensor(base, variants, params, report: Optional[str], *, drop_rate, name: str,
+                 labels: Sequence[str]):
+    """The adapters' one kernel call: merge a tensor; count and record it when asked.
+
+    ``report`` is the recipe's value (None if not given); :func:`target_for`
+    decides. ``labels`` are base first, as the kernel takes them. Without a
+    report this is :func:`~circuit_merge_plugin.kernel.circuit_merge` itself.
+    """
+    from circuit_merge_plugin.kernel import circuit_merge, circuit_merge_with_stats
+
+    arguments = dict(drop_rate=drop_rate, name=name, labels=labels)
+    target = target_for(report)
+    if target is None:
+        return circuit_merge(base, variants, params, **arguments)
+    merged, stats = circuit_merge_with_stats(base, variants, params, **arguments)
+    record(target, name, labels[1:], stats, params.as_dict())
+    return merged
 
 
 def record(
