@@ -61,9 +61,19 @@ def load_family_tensors(family: Family, variants: int, device: str = "cpu"):
     ]
 
 
+#: Settings of the report benchmark: name -> circuit parameters added to the seed.
+REPORT_SETTINGS = {"T=0": {}, "T=0.5": {"temperature": 0.5}}
+
+
+def report_method(setting: str, with_report: bool) -> str:
+    """The :func:`_methods` name of circuit at ``setting``, with or without the report."""
+    return f"circuit {setting}" + (" +report" if with_report else "")
+
+
 def _methods(seed: int, report_dir: Optional[Path] = None):
     """Method name -> (merge method, parameters). With ``report_dir``, also
-    circuit at T = 0.5 and both with the contribution report (``+report``)."""
+    circuit at each of :data:`REPORT_SETTINGS`, without and with the
+    contribution report (:func:`report_method` names)."""
     from mergekit.merge_methods.registry import get
 
     from circuit_merge_plugin.mergekit_015 import CircuitMerge
@@ -74,11 +84,11 @@ def _methods(seed: int, report_dir: Optional[Path] = None):
         "ties": (get("ties"), {"weight": 1.0, "density": 0.5}),
     }
     if report_dir is not None:
-        for name, extra in (("circuit", {}), ("circuit T=0.5", {"temperature": 0.5})):
-            table[name] = (CircuitMerge(), {"seed": seed, **extra})
-            table[f"{name} +report"] = (
+        for setting, extra in REPORT_SETTINGS.items():
+            table[report_method(setting, False)] = (CircuitMerge(), {"seed": seed, **extra})
+            table[report_method(setting, True)] = (
                 CircuitMerge(),
-                {"seed": seed, **extra, "report": str(report_dir / f"{name}.json")},
+                {"seed": seed, **extra, "report": str(report_dir / f"{setting}.json")},
             )
     return table
 

@@ -51,7 +51,6 @@ PARTS = ("compare", "scaling", "kernel", "memory", "report")
 TARGETS = {"circuit/della": 0.6, "circuit/linear": 1.3}
 #: Largest extra whole-merge time of the contribution report, as a fraction.
 REPORT_TARGET = 0.05
-REPORT_SETTINGS = (("T=0", {}), ("T=0.5", {"temperature": 0.5}))
 
 
 def _log(message: str) -> None:
@@ -238,12 +237,12 @@ class Runner:
 
     def report_overhead(self, family: workloads.Family) -> Dict:
         """circuit with and without ``report:``: whole merges, then kernel only."""
-        from benchmarks.kernel_bench import kernel_times
+        from benchmarks.kernel_bench import REPORT_SETTINGS, kernel_times, report_method
         from circuit_merge_plugin.report import check_report, load_report
 
         args = self.args
         rows = []
-        for setting, extra in REPORT_SETTINGS:
+        for setting, extra in REPORT_SETTINGS.items():
             for round_index in range(args.rounds):
                 order = (False, True) if round_index % 2 == 0 else (True, False)
                 for with_report in order:
@@ -260,7 +259,7 @@ class Runner:
                     row.update(setting=setting, report=with_report, round=round_index)
                     rows.append(row)
         whole = {}
-        for setting, _ in REPORT_SETTINGS:
+        for setting in REPORT_SETTINGS:
             off = [r for r in rows if r["setting"] == setting and not r["report"]]
             on = [r for r in rows if r["setting"] == setting and r["report"]]
             paired = [b["wall_s"] / a["wall_s"] for a, b in zip(
@@ -274,18 +273,18 @@ class Runner:
             _log(f"  report {setting}: whole merge {whole[setting]['off_s']:.2f} s -> "
                  f"{whole[setting]['on_s']:.2f} s ({whole[setting]['overhead']:+.1%})")
         device = "cuda" if args.cuda else "cpu"
-        names = [f"{s}{suffix}" for s, _ in (("circuit", 0), ("circuit T=0.5", 0))
-                 for suffix in ("", " +report")]
+        names = [report_method(s, on) for s in REPORT_SETTINGS for on in (False, True)]
         kernel_dir = self.work / "kernel-reports"
         kernel_dir.mkdir(parents=True, exist_ok=True)
         times = kernel_times(family, args.variants, rounds=args.kernel_rounds, device=device,
                              seed=args.seed, methods=names, report_dir=kernel_dir)
         kernel = {}
-        for (setting, _), base_name in zip(REPORT_SETTINGS, ("circuit", "circuit T=0.5")):
-            off, on = times[base_name]["median_s"], times[base_name + " +report"]["median_s"]
+        for setting in REPORT_SETTINGS:
+            without, with_ = times[report_method(setting, False)], times[report_method(setting, True)]
+            off, on = without["median_s"], with_["median_s"]
             kernel[setting] = {"off_s": off, "on_s": on, "overhead": on / off - 1,
-                               "ns_per_element_off": times[base_name]["ns_per_element"],
-                               "ns_per_element_on": times[base_name + " +report"]["ns_per_element"]}
+                               "ns_per_element_off": without["ns_per_element"],
+                               "ns_per_element_on": with_["ns_per_element"]}
             _log(f"  report {setting}: kernel {off:.3f} s -> {on:.3f} s ({on / off - 1:+.1%})")
         return {
             "workload": f"{family.shape.label()} params, base + {args.variants} variants, "
