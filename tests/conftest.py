@@ -82,3 +82,14 @@ def load_tensors(directory: Path) -> Dict[str, torch.Tensor]:
     for path in sorted(Path(directory).glob("*.safetensors")):
         tensors.update(load_file(str(path)))
     return tensors
+
+
+def assert_refused(code, captured, prog, expect):
+    """A refusal: exit code 2, one stderr line ``PROG: error: ...`` holding every
+    text of ``expect``, nothing on stdout."""
+    assert code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), captured.err
+    for text in expect:
+        assert text in lines[0], (text, lines[0])
+    assert captured.out == ""

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from circuit_merge_plugin import analyze
 from circuit_merge_plugin.analyze import analyze as run_analysis
 from circuit_merge_plugin.insight_render import layer_group
+from conftest import assert_refused
 from html_probe import find_chromium, probe_charts
 
 
@@ -370,13 +371,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
         paths[1] = str(tmp_path / "pt")
         expect = ["variant 1", "pickled", "convert it"]
     code = analyze.main(paths + extra + ["-q"])
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("circuit-merge analyze: error: "), captured.err
-    for text in expect:
-        assert text in lines[0], (text, lines[0])
-    assert captured.out == ""
+    assert_refused(code, capsys.readouterr(), "circuit-merge analyze", expect)
 
 
 def test_cli_subcommand_when_registered(tmp_path, capsys):

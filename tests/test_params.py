@@ -50,16 +50,20 @@ WRONG_TYPES = ["high", "", "0.5x", True, False, [0.1], {"v": 0.1}, object()]
 FLOAT_PARAMETERS = sorted(RANGES)
 
 
+#: The documented defaults (README recipe reference).
+DEFAULTS = {
+    "temperature": 0.0,
+    "base_droprate": 0.5,
+    "meaningful_change_threshold": 2e-6,
+    "epsilon": 0.1,
+    "rescale": True,
+    "seed": None,
+}
+
+
 def test_parameter_table_names_and_defaults():
     defaults = {p.name: p.default for p in GLOBAL_PARAMETERS}
-    assert defaults == {
-        "temperature": 0.0,
-        "base_droprate": 0.5,
-        "meaningful_change_threshold": 2e-6,
-        "epsilon": 0.1,
-        "rescale": True,
-        "seed": None,
-    }
+    assert defaults == DEFAULTS
     assert [p.name for p in VARIANT_PARAMETERS] == ["drop_rate"]
     assert VARIANT_PARAMETERS[0].default is None
     for info in GLOBAL_PARAMETERS + VARIANT_PARAMETERS:
@@ -75,14 +79,7 @@ def test_circuit_params_defaults():
     assert params.epsilon == 0.1
     assert params.rescale is True
     assert params.seed is None
-    assert params.as_dict() == {
-        "temperature": 0.0,
-        "base_droprate": 0.5,
-        "meaningful_change_threshold": 2e-6,
-        "epsilon": 0.1,
-        "rescale": True,
-        "seed": None,
-    }
+    assert params.as_dict() == DEFAULTS
 
 
 def test_circuit_params_is_frozen():

@@ -16,6 +16,7 @@ import pytest
 
 from circuit_merge_plugin import report as report_module
 from circuit_merge_plugin.report import aggregate, check_report
+from conftest import assert_refused
 from html_probe import find_chromium, probe_charts
 
 PARAMETERS = {"temperature": 0.0, "base_droprate": 0.5, "meaningful_change_threshold": 2e-6,
@@ -262,13 +263,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     if not directory.exists() and case not in ("missing_dir",):
         write_report(directory, report)
     code = report_module.main([str(directory), *extra])
-    captured = capsys.readouterr()
-    assert code == 2, captured
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("circuit-merge report: error: "), captured.err
-    for text in expect:
-        assert text in lines[0], (text, lines[0])
-    assert captured.out == ""
+    assert_refused(code, capsys.readouterr(), "circuit-merge report", expect)
 
 
 def test_cli_subcommand_when_registered(tmp_path, capsys):
