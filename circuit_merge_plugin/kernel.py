@@ -209,7 +209,7 @@ def circuit_merge_with_stats(
     )
 
 
-#: Accelerator chunk when counting: the tally keeps ~5 rows of a chunk per variant.
+#: Accelerator chunk when counting: the tally keeps ~10 rows of a chunk per variant.
 COUNTING_CHUNK_SIZE = 1 << 20
 
 
@@ -325,8 +325,8 @@ class _Views:
 
     When counting, each variant step gets its own views whose ``delta`` and
     ``mask`` (the drop mask) are that step's rows of the tally, and whose
-    ``below`` and ``take`` receive the threshold test and the take mask: the
-    tally then reads the kernel's own buffers, with no copies.
+    ``below`` and ``take`` receive the threshold test (a copy) and the take
+    mask: the tally then reads the kernel's own buffers.
     """
 
     def __init__(self, work: "_Work", size: int, tally=None, step: int = 0) -> None:
