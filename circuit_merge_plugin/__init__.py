@@ -3,7 +3,7 @@
 Importing this package is cheap (no torch, no mergekit): the public API below is
 loaded on first use. Importing it also makes sure ``circuit`` is registered with
 mergekit, now if mergekit's method registry is already loaded, otherwise as soon
-as it is (see :mod:`circuit_merge_plugin.registration`).
+as it is (see :mod:`circuit_merge_plugin.adapters.registration`).
 """
 
 __version__ = "0.1.0"
@@ -14,12 +14,12 @@ REFERENCE_URL = "https://github.com/jsgreenawalt/ml-model-mergetools"
 ENTRY_POINT_GROUP = "mergekit.merge_methods"
 
 _LAZY = {
-    "circuit_merge": "circuit_merge_plugin.kernel",
-    "circuit_merge_with_stats": "circuit_merge_plugin.kernel",
-    "TensorStats": "circuit_merge_plugin.tally",
-    "calculate_p": "circuit_merge_plugin.kernel",
-    "drop_rates": "circuit_merge_plugin.kernel",
-    "CircuitParams": "circuit_merge_plugin.params",
+    "circuit_merge": "circuit_merge_plugin.core.kernel",
+    "circuit_merge_with_stats": "circuit_merge_plugin.core.kernel",
+    "TensorStats": "circuit_merge_plugin.core.tally",
+    "calculate_p": "circuit_merge_plugin.core.kernel",
+    "drop_rates": "circuit_merge_plugin.core.kernel",
+    "CircuitParams": "circuit_merge_plugin.core.params",
 }
 
 __all__ = [
@@ -44,7 +44,7 @@ def __getattr__(name: str):
 
 
 def _install_registration() -> None:
-    from circuit_merge_plugin import _bootstrap
+    from circuit_merge_plugin.adapters import bootstrap as _bootstrap
 
     _bootstrap.install()
 

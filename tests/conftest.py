@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from circuit_merge_plugin.toymodels import build_family
+from circuit_merge_plugin.demo.toymodels import build_family
 
 BIN = Path(sys.executable).parent
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from circuit_merge_plugin import analyze
-from circuit_merge_plugin.analyze import analyze as run_analysis
-from circuit_merge_plugin.insight_render import layer_group
+from circuit_merge_plugin.insight import analyze
+from circuit_merge_plugin.insight.analyze import analyze as run_analysis
+from circuit_merge_plugin.insight.render import layer_group
 from conftest import assert_refused
 from html_probe import find_chromium, probe_charts
 
@@ -375,10 +375,10 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
 
 
 def test_cli_subcommand_when_registered(tmp_path, capsys):
-    from circuit_merge_plugin import cli
+    from circuit_merge_plugin.cli import main as cli
 
     if "analyze" not in cli.SUBCOMMANDS:
-        pytest.skip("circuit_merge_plugin.cli.SUBCOMMANDS has no 'analyze' entry yet")
+        pytest.skip("circuit_merge_plugin.cli.main.SUBCOMMANDS has no 'analyze' entry yet")
     paths = _two_variants(tmp_path)
     with pytest.raises(SystemExit) as stop:
         cli.main(["analyze", *paths, "-q"])

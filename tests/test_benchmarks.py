@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
-workloads = pytest.importorskip("benchmarks.workloads")
+workloads = pytest.importorskip("benchmarks.speed.workloads")
 
 
 def test_size_parsing_and_shapes():
@@ -53,7 +53,7 @@ def test_benchmark_command_tiny_end_to_end(tmp_path, api):
         pytest.skip("the benchmarks run against mergekit 0.1.5 (its in-process API)")
     out = tmp_path / "results"
     command = [
-        sys.executable, "-m", "benchmarks.run", "--tiny",
+        sys.executable, "-m", "benchmarks.speed.run", "--tiny",
         "--parts", "compare,kernel", "--methods", "circuit,linear",
         "--out", str(out), "--cache", str(tmp_path / "cache"), "--name", "tiny",
     ]

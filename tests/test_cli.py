@@ -24,10 +24,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from circuit_merge_plugin.digest import digest_directory
-from circuit_merge_plugin.kernel import circuit_merge, circuit_merge_with_stats
-from circuit_merge_plugin.params import CircuitParams
-from circuit_merge_plugin.report import check_report, load_report
+from circuit_merge_plugin.io.digest import digest_directory
+from circuit_merge_plugin.core.kernel import circuit_merge, circuit_merge_with_stats
+from circuit_merge_plugin.core.params import CircuitParams
+from circuit_merge_plugin.insight.report import check_report, load_report
 from conftest import load_tensors
 from mergekit_runs import subprocess_env
 
@@ -471,7 +471,7 @@ def test_version_and_demo_subcommand():
     from circuit_merge_plugin import __version__
 
     assert __version__ in ok(cli("--version")).stdout
-    if importlib.util.find_spec("circuit_merge_plugin.demo") is None:
+    if importlib.util.find_spec("circuit_merge_plugin.demo.run") is None:
         pytest.skip("no demo module")
     assert "--workdir" in ok(cli("demo", "--help")).stdout
 

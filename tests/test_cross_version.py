@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuit_merge_plugin.kernel import circuit_merge
-from circuit_merge_plugin.params import CircuitParams
-from circuit_merge_plugin.report import check_report, load_report
+from circuit_merge_plugin.core.kernel import circuit_merge
+from circuit_merge_plugin.core.params import CircuitParams
+from circuit_merge_plugin.insight.report import check_report, load_report
 from conftest import load_tensors
 from mergekit_runs import Runs, check, raw_bytes, subprocess_env
 

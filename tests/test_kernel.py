@@ -24,9 +24,9 @@ import math
 import pytest
 import torch
 
-from circuit_merge_plugin.kernel import calculate_p, circuit_merge, drop_rates
-from circuit_merge_plugin.params import CircuitParams
-from circuit_merge_plugin.rng import stream_key, uniform
+from circuit_merge_plugin.core.kernel import calculate_p, circuit_merge, drop_rates
+from circuit_merge_plugin.core.params import CircuitParams
+from circuit_merge_plugin.core.rng import stream_key, uniform
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -16,8 +16,8 @@ import zlib
 import pytest
 import torch
 
-import circuit_merge_plugin.kernel as kernel
-from circuit_merge_plugin.params import CircuitParams
+import circuit_merge_plugin.core.kernel as kernel
+from circuit_merge_plugin.core.params import CircuitParams
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

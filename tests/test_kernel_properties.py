@@ -21,8 +21,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from circuit_merge_plugin.kernel import circuit_merge
-from circuit_merge_plugin.params import CircuitParams
+from circuit_merge_plugin.core.kernel import circuit_merge
+from circuit_merge_plugin.core.params import CircuitParams
 
 SETTINGS = dict(
     deadline=None,

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuit_merge_plugin.kernel import circuit_merge
-from circuit_merge_plugin.params import (
+from circuit_merge_plugin.core.kernel import circuit_merge
+from circuit_merge_plugin.core.params import (
     GLOBAL_PARAMETERS,
     OUTPUT_PARAMETERS,
     VARIANT_PARAMETERS,
@@ -46,7 +46,7 @@ def _only_mergekit_014(api):
 IMPORT_FIRST = """
 import warnings
 warnings.simplefilter("error", RuntimeWarning)
-import circuit_merge_plugin.mergekit_014 as adapter
+import circuit_merge_plugin.adapters.mergekit_014 as adapter
 from mergekit import merge_methods
 method = merge_methods.get("circuit")
 assert isinstance(method, adapter.CircuitMerge014), method
@@ -64,7 +64,7 @@ def merges(api, tmp_path_factory):
 
 def test_importing_the_adapter_first_still_registers(merges):
     results = merges[1]
-    check(results["import_first"], "import circuit_merge_plugin.mergekit_014 first")
+    check(results["import_first"], "import circuit_merge_plugin.adapters.mergekit_014 first")
     assert "registered circuit" in results["import_first"].stdout
 
 
@@ -73,7 +73,7 @@ def test_importing_the_adapter_first_still_registers(merges):
 
 
 def adapter():
-    from circuit_merge_plugin import mergekit_014
+    from circuit_merge_plugin.adapters import mergekit_014
 
     return mergekit_014
 
@@ -122,7 +122,7 @@ def test_registered_in_the_014_registry():
     assert method.pretty_name() == "Circuit-Merge"
     assert "ml-model-mergetools" in method.reference_url()
 
-    from circuit_merge_plugin.methods import circuit_method
+    from circuit_merge_plugin.adapters.methods import circuit_method
 
     assert isinstance(circuit_method(), adapter().CircuitMerge014)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_merge_plugin.kernel import circuit_merge
-from circuit_merge_plugin.params import CircuitParams
+from circuit_merge_plugin.core.kernel import circuit_merge
+from circuit_merge_plugin.core.params import CircuitParams
 
 
 @pytest.fixture(autouse=True)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuit_merge_plugin.kernel import circuit_merge
-from circuit_merge_plugin.params import CircuitParams
+from circuit_merge_plugin.core.kernel import circuit_merge
+from circuit_merge_plugin.core.params import CircuitParams
 from conftest import load_tensors
 from mergekit_runs import Runs, check
 
@@ -306,8 +306,8 @@ def test_base_model_is_required(merges):
 
 def _check_report_file(path, family, params, merged_tensors):
     """A complete, consistent report whose counts are the kernel's."""
-    from circuit_merge_plugin.kernel import circuit_merge_with_stats
-    from circuit_merge_plugin.report import check_report, load_report
+    from circuit_merge_plugin.core.kernel import circuit_merge_with_stats
+    from circuit_merge_plugin.insight.report import check_report, load_report
 
     report = load_report(str(path))
     assert check_report(report) == []

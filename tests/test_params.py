@@ -13,7 +13,7 @@ import math
 
 import pytest
 
-from circuit_merge_plugin.params import (
+from circuit_merge_plugin.core.params import (
     GLOBAL_PARAMETERS,
     VARIANT_PARAMETERS,
     CircuitParams,

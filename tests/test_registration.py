@@ -63,7 +63,7 @@ def test_registration_is_idempotent():
         import circuit_merge_plugin
         import importlib
         importlib.reload(circuit_merge_plugin)
-        from circuit_merge_plugin.registration import register_entry_points
+        from circuit_merge_plugin.adapters.registration import register_entry_points
         assert register_entry_points() == []
         assert register_entry_points() == []
         """
@@ -80,7 +80,7 @@ def other_plugins(tmp_path):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: otherplugin\nVersion: 1.0\n")
     (dist / "entry_points.txt").write_text(
         "[mergekit.merge_methods]\n"
-        "circuit = circuit_merge_plugin.methods:circuit_method\n"
+        "circuit = circuit_merge_plugin.adapters.methods:circuit_method\n"
         "broken = otherplugin_missing_module:method\n"
     )
     return {"PYTHONPATH": str(tmp_path)}

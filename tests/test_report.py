@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from circuit_merge_plugin import report as report_module
-from circuit_merge_plugin.report import aggregate, check_report
+from circuit_merge_plugin.insight import report as report_module
+from circuit_merge_plugin.insight.report import aggregate, check_report
 from conftest import assert_refused
 from html_probe import find_chromium, probe_charts
 
@@ -267,10 +267,10 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
 
 
 def test_cli_subcommand_when_registered(tmp_path, capsys):
-    from circuit_merge_plugin import cli
+    from circuit_merge_plugin.cli import main as cli
 
     if "report" not in cli.SUBCOMMANDS:
-        pytest.skip("circuit_merge_plugin.cli.SUBCOMMANDS has no 'report' entry yet")
+        pytest.skip("circuit_merge_plugin.cli.main.SUBCOMMANDS has no 'report' entry yet")
     directory = write_report(tmp_path / "merged", mixed_report())
     with pytest.raises(SystemExit) as stop:
         cli.main(["report", str(directory)])

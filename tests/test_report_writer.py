@@ -8,11 +8,11 @@ import threading
 import pytest
 import torch
 
-from circuit_merge_plugin import report_writer
-from circuit_merge_plugin.kernel import circuit_merge_with_stats
-from circuit_merge_plugin.params import CircuitParams, check_parameter
-from circuit_merge_plugin.report import check_report, load_report
-from circuit_merge_plugin.report_writer import (
+from circuit_merge_plugin.adapters import recording as report_writer
+from circuit_merge_plugin.core.kernel import circuit_merge_with_stats
+from circuit_merge_plugin.core.params import CircuitParams, check_parameter
+from circuit_merge_plugin.insight.report import check_report, load_report
+from circuit_merge_plugin.adapters.recording import (
     REPORT_ENV,
     REPORT_FILE,
     record,

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from circuit_merge_plugin.rng import stream_key, uniform
+from circuit_merge_plugin.core.rng import stream_key, uniform
 
 N = 1 << 18
 SIX_SIGMA_CORR = 6.0 / math.sqrt(N)  # sd of a sample correlation of N iid pairs ~ 1/sqrt(N)

@@ -11,7 +11,7 @@ Checked against the spec three ways:
   deltas must rebuild the merged delta;
 * invariants: counting never changes the merged bytes; counts do not depend on
   the chunk size or on the accumulation path; reports built from them pass
-  :func:`circuit_merge_plugin.report.check_report`.
+  :func:`circuit_merge_plugin.insight.report.check_report`.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import itertools
 import pytest
 import torch
 
-import circuit_merge_plugin.kernel as kernel
-from circuit_merge_plugin.kernel import circuit_merge, circuit_merge_with_stats, drop_rates
-from circuit_merge_plugin.params import CircuitParams
-from circuit_merge_plugin.report import check_report
-from circuit_merge_plugin.tally import TensorStats
+import circuit_merge_plugin.core.kernel as kernel
+from circuit_merge_plugin.core.kernel import circuit_merge, circuit_merge_with_stats, drop_rates
+from circuit_merge_plugin.core.params import CircuitParams
+from circuit_merge_plugin.insight.report import check_report
+from circuit_merge_plugin.core.tally import TensorStats
 
 #: No MAGPRUNE: zero drop rates for every variant (priority still orders them).
 def _unpruned(count: int) -> dict:

@@ -202,7 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
 
     from benchmarks.quality import plan as P
-    from benchmarks.quality import report
+    from benchmarks.quality import results_page
     from benchmarks.quality import tasks as T
     from benchmarks.quality.merging import Merger, same_tensors
     from benchmarks.quality.models import (
@@ -376,11 +376,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "runtime": runtime,
         "command": " ".join(["python -m benchmarks.quality.run", *(argv if argv is not None else sys.argv[1:])]),
     }
-    analysis = report.analyse(records, references, context)
-    report.write(out, records, references, analysis, context)
+    analysis = results_page.analyse(records, references, context)
+    results_page.write(out, records, references, analysis, context)
     runtime["total_seconds"] = round(time.time() - started, 1)
     log(f"wrote {out} ({runtime['total_seconds']:.0f}s total)")
-    print(report.summary_text(analysis))
+    print(results_page.summary_text(analysis))
     return 0
 
 

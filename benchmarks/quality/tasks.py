@@ -130,7 +130,7 @@ def eval_sets(split: str, count: int, seed: int = 1234) -> Dict[str, List[Exampl
 
 def build_tokenizer():
     """A word-level fast tokenizer over :data:`VOCAB` (saved with every model)."""
-    from circuit_merge_plugin.toymodels import word_level_tokenizer
+    from circuit_merge_plugin.demo.toymodels import word_level_tokenizer
 
     return word_level_tokenizer(VOCAB)
 
