@@ -56,6 +56,7 @@ DEFAULTS = {
     "base_droprate": 0.5,
     "meaningful_change_threshold": 2e-6,
     "epsilon": 0.1,
+    "lambda": 1.0,
     "rescale": True,
     "seed": None,
 }

@@ -99,6 +99,8 @@ def _float_option(*decls: str, metavar: str, help: str):
                help="|delta| below this counts as unchanged.  [default: 2e-06]")
 @_float_option("--epsilon", "epsilon", metavar="E",
                help="[0, 1) MAGPRUNE spread of drop probabilities.  [default: 0.1]")
+@_float_option("--lambda", "lambda", metavar="L",
+               help="(0, 10] scale of the merged delta: base + L * delta.  [default: 1.0]")
 @click.option("--seed", type=int, default=None, metavar="S",
               help="Seed of the random drops.  [default: 0]")
 @click.option("--skip_rescaling", "--skip-rescaling", "skip_rescaling", is_flag=True,

@@ -171,7 +171,7 @@ def resolve_parameters(
             sources[key] = origin
     if values["seed"] is None:
         values["seed"] = DEFAULT_SEED
-    return CircuitParams(**values), sources
+    return CircuitParams.from_parameters(values), sources
 
 
 def paths_from(

@@ -1,7 +1,9 @@
 """The Circuit-Merge kernel: pure functions of tensors, no I/O, no mergekit.
 
 Given a base tensor ``B`` and variants ``V1..Vn`` in listing order (``V1`` has the
-highest priority), :func:`circuit_merge` returns ``B + acc`` where ``acc`` is built
+highest priority), :func:`circuit_merge` returns ``B + lambda * acc`` (``lambda``
+times ``acc`` in float32, then added to ``B`` in float32 and rounded once to the
+base's dtype; ``lambda = 1`` skips the multiply) where ``acc`` is built
 by visiting the variants from the lowest priority to the highest:
 
 1. ``d = V - B`` in float32, zeroed where ``|d| < meaningful_change_threshold``;
@@ -263,6 +265,9 @@ def _merge(base, variants, params, drop_rate, name, positions, labels, chunk_siz
     fast = params.temperature == 0 and all(
         high < _FAST_MAGNITUDE_LIMIT for _, high in bounds
     )
+    # lambda scales the merged delta in float32 before the add to the base;
+    # at 1 the multiply is skipped (x * 1 == x exactly, so the bytes are the same).
+    scale = None if params.lambda_ == 1.0 else work.float32(_float32(params.lambda_))
     tally = None
     if counting:
         tally = Tally(count, work.delta.numel(), base.device, params.temperature, not fast)
@@ -293,6 +298,8 @@ def _merge(base, variants, params, drop_rate, name, positions, labels, chunk_siz
                 _accumulate(view, drop, params.temperature, work)
         if tally is not None:
             tally.finish_chunk(size)
+        if scale is not None:
+            buf.acc.mul_(scale)  # lambda * acc, in float32
         out_chunk = out[start:stop]
         if out_chunk.dtype == torch.float32:
             torch.add(buf.acc, base_chunk, out=out_chunk)

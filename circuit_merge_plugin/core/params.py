@@ -24,6 +24,7 @@ class ParameterInfo:
     low: Optional[float] = None
     high: Optional[float] = None
     high_inclusive: bool = True
+    low_inclusive: bool = True
 
     def check(self, value: Any) -> Any:
         """Return ``value`` converted to ``kind``, or raise a ValueError naming it."""
@@ -55,7 +56,7 @@ class ParameterInfo:
         value = float(value)
         in_range = math.isfinite(value)
         if in_range and self.low is not None:
-            in_range = value >= self.low
+            in_range = value >= self.low if self.low_inclusive else value > self.low
         if in_range and self.high is not None:
             in_range = value <= self.high if self.high_inclusive else value < self.high
         if not in_range:
@@ -103,6 +104,18 @@ GLOBAL_PARAMETERS = (
         low=0.0,
         high=1.0,
         high_inclusive=False,
+    ),
+    ParameterInfo(
+        "lambda",
+        float,
+        1.0,
+        "(0, 10]",
+        "Scale of the merged delta: the output is base + lambda * (merged delta), "
+        "multiplied in float32 before the add to the base. Values below 1 shrink "
+        "the merge toward the base (helps fine-tunes that forget a lot).",
+        low=0.0,
+        high=10.0,
+        low_inclusive=False,
     ),
     ParameterInfo(
         "rescale",
@@ -177,17 +190,28 @@ class CircuitParams:
     base_droprate: float = 0.5
     meaningful_change_threshold: float = 2e-6
     epsilon: float = 0.1
+    lambda_: float = 1.0
     rescale: bool = True
     seed: Optional[int] = None
 
     def __post_init__(self):
         for f in fields(self):
-            object.__setattr__(
-                self, f.name, check_parameter(f.name, getattr(self, f.name))
-            )
+            name = _PARAMETER_OF.get(f.name, f.name)
+            object.__setattr__(self, f.name, check_parameter(name, getattr(self, f.name)))
+
+    @classmethod
+    def from_parameters(cls, values: dict) -> "CircuitParams":
+        """Build from recipe parameter names (``lambda``, not the field ``lambda_``)."""
+        return cls(**{_FIELD_OF.get(name, name): value for name, value in values.items()})
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The parameters by their recipe names (``lambda``, not ``lambda_``)."""
+        return {_PARAMETER_OF.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+
+
+#: Recipe parameter names that are Python keywords, and their dataclass fields.
+_FIELD_OF = {"lambda": "lambda_"}
+_PARAMETER_OF = {field: name for name, field in _FIELD_OF.items()}
 
 
 def params_from_values(values: dict) -> CircuitParams:
@@ -202,4 +226,4 @@ def params_from_values(values: dict) -> CircuitParams:
         import torch
 
         chosen["seed"] = torch.initial_seed()
-    return CircuitParams(**chosen)
+    return CircuitParams.from_parameters(chosen)
