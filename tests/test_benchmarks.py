@@ -1,4 +1,4 @@
-"""The benchmark command runs end to end on a tiny size (issue 6).
+"""The benchmark command runs end to end on a tiny size.
 
 Benchmarks are never timed tests: nothing here asserts a duration or a ratio,
 only that the command works and writes its results.

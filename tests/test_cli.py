@@ -74,7 +74,7 @@ def perturbed(tensors, generator, scale=0.01):
 
 @pytest.fixture(scope="module")
 def bare(tmp_path_factory) -> Path:
-    """Bare-safetensors models in the seed's style, with the awkward cases.
+    """Bare-safetensors models in the original script's style, with the awkward cases.
 
     base: two shard files (part-a, part-b), a tensor only it has, an int buffer;
     v1: one file, all of base's weights plus ``only_variants``;
@@ -189,7 +189,7 @@ def merges(tmp_path_factory, bare, big, llama_family):
         "flags", bare / "base", bare / "v1", bare / "v2pk", root / "flags", *FLAGS,
         "--allow-pickle", "-q",
     )
-    # The config form: the seed's file (its "1e-6" reads as a string in YAML),
+    # The config form: the original script's file (its "1e-6" reads as a string in YAML),
     # one value overridden on the command line, into a non-empty OUTPUT.
     (root / "config_out").mkdir()
     (root / "config_out" / "stale.txt").write_text("old\n")
@@ -257,7 +257,7 @@ def test_sigterm_midway_leaves_nothing(merges):
 def test_bare_tensors_exact_when_drop_rates_are_zero(merges, bare):
     """Two variants and base_droprate 0: every drop rate is 0, results are exact.
 
-    Also the seed's rules for tensors missing from some inputs, a base split
+    Also the original script's rules for tensors missing from some inputs, a base split
     over two files, a pickled variant (--allow-pickle) and an int buffer.
     """
     ok(merges.result("flags"))

@@ -1,7 +1,7 @@
-"""The Circuit-Merge kernel, tested against the spec of issue 2 (not the code).
+"""The Circuit-Merge kernel, tested against the spec (not the code).
 
 Sections:
-  * calculate_p / drop_rates: the seed README's formula (i=1 = lowest priority),
+  * calculate_p / drop_rates: the original script's README formula (i=1 = lowest priority),
     single variant gets base_droprate (documented deviation), overrides;
   * paths where every drop rate is 0 (two variants with base_droprate=0, or
     temperature=1 with base_droprate=0, or per-variant drop_rate=0): exact
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def seed_calculate_p(i, count, temperature=0.0, base_droprate=0.5):
-    """Verbatim from the seed README (i=1 is the LOWEST priority)."""
+    """Verbatim from the original script's README (i=1 is the LOWEST priority)."""
     if count == 1:
         return base_droprate * 2
     # calculate number of divisions
@@ -133,7 +133,7 @@ def test_calculate_p_defaults_are_t0_b05():
 @pytest.mark.parametrize("b", BASE_RATES)
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_single_variant_gets_base_droprate(temperature, b):
-    # Documented deviation: the seed returns 2*b (everything dropped at b=0.5).
+    # Documented deviation: the original script returns 2*b (everything dropped at b=0.5).
     assert calculate_p(1, 1, temperature, b) == pytest.approx(b)
     assert drop_rates(1, temperature, b) == [pytest.approx(b)]
 

@@ -1,4 +1,4 @@
-"""The kernel's two accumulation paths give the same bits (performance work, issue 6).
+"""The kernel's two accumulation paths give the same bits.
 
 At temperature 0 the kernel folds deltas with the identity ``(h + x) * 0.5``
 on bit-selected float32 patterns (``_accumulate_t0``); every other case, and

@@ -1,7 +1,7 @@
-"""Hypothesis property tests of the Circuit-Merge kernel (issue 2).
+"""Hypothesis property tests of the Circuit-Merge kernel.
 
 * Where every drop rate is 0, the result equals, element by element, a plain
-  Python reference implementation of the spec (below, written from the issue).
+  Python reference implementation of the spec (below, written from the spec).
 * Wherever all variants equal the base, the result equals the base (any
   parameters, random path included).
 * Chunk size never changes a single bit.

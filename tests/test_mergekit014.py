@@ -1,4 +1,4 @@
-"""`merge_method: circuit` under mergekit 0.1.4's MergeMethod/Task API (issue 5).
+"""`merge_method: circuit` under mergekit 0.1.4's MergeMethod/Task API.
 
 Selected by API: everything here skips when the installed mergekit is 0.1.5
 (.ci/test runs the suite in both environments). The real ``mergekit-yaml``

@@ -301,7 +301,7 @@ def test_base_model_is_required(merges):
     assert "base" in result.stderr.lower()
 
 
-# ---------------------------------------------------------------- the report (issue 7)
+# ---------------------------------------------------------------- the report ---------
 
 
 def _check_report_file(path, family, params, merged_tensors):

@@ -1,4 +1,4 @@
-"""Circuit-Merge parameters: defaults, allowed ranges and refusals (issue 2).
+"""Circuit-Merge parameters: defaults, allowed ranges and refusals.
 
 Spec: temperature T=0.0 in [0,1]; base_droprate b=0.5 in [0,1);
 meaningful_change_threshold=2e-6 (>= 0); epsilon=0.1 in [0,1); rescale=true;

@@ -1,4 +1,4 @@
-"""The counter-based uniform generator (issue 2, "Reproducible randomness").
+"""The counter-based uniform generator.
 
 Uniforms are a pure function of the stream key (seed, tensor name, the variant's
 listing position) and the element's flat index: float32 values in [0, 1), on

@@ -1,4 +1,4 @@
-"""The kernel's counting (issue 7): ``circuit_merge_with_stats``.
+"""The kernel's counting: ``circuit_merge_with_stats``.
 
 Checked against the spec three ways:
 

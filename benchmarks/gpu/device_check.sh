@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Prepared GPU check of issue 6, for a machine with an NVIDIA GPU. Budget: it
+# Prepared GPU check, for a machine with an NVIDIA GPU. Budget: it
 # stops itself well inside 8 minutes (every step has its own time limit).
 #
 #   1. install the carried wheels (mergekit, its missing dependencies, the plugin)
 #   2. the test suite, with CUDA available
 #   3. CPU == CUDA: the kernel's bytes on many inputs, and the digest of a real
 #      mergekit-yaml circuit merge run on CPU and with --cuda (same recipe, seed)
-#   4. the contribution report's cost with --cuda (35M, 1 round; issue 7's 5% target)
+#   4. the contribution report's cost with --cuda (35M, 1 round; target: under 5%)
 #   5. circuit vs della with --cuda on a generated ~1B-parameter model (bf16)
 #
 # Prepare here (network):  bash benchmarks/gpu/device_wheels.sh      -> .whl/

@@ -1,4 +1,4 @@
-"""CPU vs CUDA: circuit must give the same bits on both (issue 2, issue 6).
+"""CPU vs CUDA: circuit must give the same bits on both.
 
 Two checks, each printing one PASS/FAIL line per case and exiting non-zero on
 any mismatch:

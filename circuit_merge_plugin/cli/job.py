@@ -186,7 +186,7 @@ def merge_transformers(request: MergeRequest, inputs: Inputs, out: Path) -> None
     run_merge(config, str(out), _options(request), config_source=recipe_yaml(request))
 
 
-# Files the seed meant to copy from the base (its copy_config_files).
+# Files the original script meant to copy from the base (its copy_config_files).
 _CONFIG_FILES = ("config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
 
 
@@ -223,7 +223,7 @@ def merge_raw(request: MergeRequest, inputs: Inputs, out: Path) -> None:
 
 
 def ensure_index(out: Path) -> None:
-    """Give a single-shard output the index file the seed always wrote."""
+    """Give a single-shard output the index file the original script always wrote."""
     for stem in ("model.safetensors",):
         single, index = out / stem, out / (stem + ".index.json")
         if single.exists() and not index.exists():

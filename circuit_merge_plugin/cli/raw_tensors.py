@@ -1,20 +1,20 @@
 """Merging directories of bare tensors with mergekit's raw-tensor planning.
 
-The seed's own case: directories of safetensors files with arbitrary tensor
+The original script's own case: directories of safetensors files with arbitrary tensor
 names and no ``config.json`` mergekit understands. The plan is built from the
 same pieces as ``mergekit-pytorch`` (``mergekit.scripts.merge_raw_pytorch``):
 its ``SimpleLoadTensor`` tasks and loader cache, the registered ``circuit``
 merge method's own graph task, ``SaveTensor``/``TensorWriterTask``/
 ``FinalizeModel`` for sharded output, run by mergekit's ``Executor``.
 
-Differences from ``mergekit-pytorch``, to keep the seed's semantics:
+Differences from ``mergekit-pytorch``, to keep the original script's semantics:
 
 * inputs are directories (any number of shard files), not single files;
 * a tensor missing from some variants is merged from those that have it (so
-  drop rates are computed for that smaller count, as the seed did);
+  drop rates are computed for that smaller count, as the original script did);
 * a tensor missing from the base is merged with the first variant that has it
   standing in as the base, and the other variants that have it keep the drop
-  rates the seed gave them (the stand-in counts as a variant with no delta);
+  rates the original script gave them (the stand-in counts as a variant with no delta);
   present in one input only, it is copied.
 
 The merge task is built through whichever merge-method API the installed
@@ -75,8 +75,8 @@ def load_pickle_headers(model: ModelDir) -> None:
         raise ValueError(f"{model.role} {model.given}: its checkpoints hold no tensors")
 
 
-def seed_drop_rates(count: int, params: CircuitParams) -> List[float]:
-    """The seed's drop rate of each of ``count`` variants, in listing order."""
+def original_drop_rates(count: int, params: CircuitParams) -> List[float]:
+    """The original script's drop rate of each of ``count`` variants, in listing order."""
     if count == 1:
         return [params.base_droprate]
     return [
@@ -93,7 +93,7 @@ def tensor_plan(
     if name in base.tensors:
         return base, have, None
     stand_in, others = have[0], have[1:]
-    rates = seed_drop_rates(len(have), params)[1:]
+    rates = original_drop_rates(len(have), params)[1:]
     return stand_in, others, rates
 
 

@@ -1,6 +1,6 @@
-"""What the command line was asked to do: the seed's YAML config plus flags.
+"""What the command line was asked to do: the original script's YAML config plus flags.
 
-Pure Python (PyYAML only). The seed's config file looks like::
+Pure Python (PyYAML only). The original script's config file looks like::
 
     base_model: /path/to/base
     variant_models:
@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from circuit_merge_plugin.core.params import GLOBAL_PARAMETERS, CircuitParams, check_parameter
 
-#: The seed script's ``--seed`` default (its argparse default is 0).
+#: The original script's ``--seed`` default (its argparse default is 0).
 DEFAULT_SEED = 0
 #: mergekit's default output shard size, in bytes.
 DEFAULT_SHARD_SIZE = "5B"
@@ -84,7 +84,7 @@ def parse_dtype(text: Optional[str], name: str) -> Optional[str]:
 
 
 def load_config(path: str) -> Dict[str, Any]:
-    """Read the seed's YAML config; ValueError naming the file and key if malformed."""
+    """Read the original script's YAML config; ValueError naming the file and key if malformed."""
     import yaml
 
     try:

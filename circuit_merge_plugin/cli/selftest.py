@@ -1,11 +1,11 @@
-"""``circuit-merge --test``: the seed's synthetic merge, run through the real pipeline.
+"""``circuit-merge --test``: the original script's synthetic merge, run through the real pipeline.
 
 Builds a small synthetic base (three random tensors) and two variants that
-perturb a random half of its elements by -0.01, 0 or +0.01 (as the seed's
+perturb a random half of its elements by -0.01, 0 or +0.01 (as the original script's
 ``perturb_model`` did), merges them with the given parameters exactly as a
 normal ``circuit-merge`` run would (mergekit raw-tensor planning, atomic
-output), and prints the seed's side-by-side view: base | variant 1 |
-variant 2 | merged. Colours (the seed's scheme) only when stdout is a terminal
+output), and prints the original script's side-by-side view: base | variant 1 |
+variant 2 | merged. Colours (the original script's scheme) only when stdout is a terminal
 and ``NO_COLOR`` is unset. Everything lives in a temporary directory that is
 removed afterwards. The synthetic data is drawn from ``--seed``, so the whole
 output is reproducible.
@@ -57,7 +57,7 @@ def _close(a: float, b: float) -> bool:
 
 
 def colour_of(values: List[float], column: int) -> str:
-    """The seed's colour scheme for one value of the (base, v1, v2, merged) row."""
+    """The original script's colour scheme for one value of the (base, v1, v2, merged) row."""
     base, first, second, merged = values
     if all(_close(base, v) for v in (first, second, merged)):
         return GREEN  # unchanged everywhere

@@ -65,8 +65,8 @@ def calculate_p(
     """Drop rate of the variant at processing index ``i`` of ``count``.
 
     ``i = 1`` is the lowest priority (processed first), ``i = count`` the highest.
-    The seed script's formula, except that a single variant gets ``base_droprate``
-    (the seed returned ``2 * base_droprate``, dropping everything at the default).
+    The original script's formula, except that a single variant gets ``base_droprate``
+    (the original script returned ``2 * base_droprate``, dropping everything at the default).
     """
     if count < 1 or not 1 <= i <= count:
         raise ValueError(f"processing index i must be in [1, {count}], got {i}")

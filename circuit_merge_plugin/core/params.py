@@ -42,7 +42,7 @@ class ParameterInfo:
                     return int(value)
                 raise ValueError(f"{self.name} must be an integer, got {value!r}")
             return value
-        # float. PyYAML reads "1e-6" (no dot) as a string, as in the seed's own
+        # float. PyYAML reads "1e-6" (no dot) as a string, as in the original script's own
         # example config, so numeric strings are accepted.
         if isinstance(value, str):
             try:

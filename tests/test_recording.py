@@ -1,4 +1,4 @@
-"""Writing ``circuit_merge_report.json`` during a merge (issue 7): report_writer."""
+"""Writing ``circuit_merge_report.json`` during a merge: adapters.recording."""
 
 from __future__ import annotations
 
