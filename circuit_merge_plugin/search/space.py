@@ -369,13 +369,23 @@ def starting_point(recipe: Recipe, space: Space) -> Optional[Point]:
 # ---------------------------------------------------------------- trial recipes
 
 
+def merge_seed(recipe: Recipe, point: Point, seed: int) -> int:
+    """A trial's merge seed: the point's (``--space``/``--fix seed``), else the
+    recipe's ``seed``, else ``seed`` (``--seed``)."""
+    for value in (point.values.get("seed"), recipe.parameters.get("seed")):
+        if value is not None:
+            return int(value)
+    return int(seed)
+
+
 def trial_parameters(recipe: Recipe, point: Point, seed: int) -> Dict[str, Any]:
-    """The global parameters of a trial: the recipe's, then the point's, then the seed."""
+    """The global parameters of a trial: the recipe's, then the point's, and the
+    merge seed always explicit (so the recipe merges the same under any --random-seed)."""
     parameters = {k: v for k, v in recipe.parameters.items() if k != "report"}
     for name, value in point.values.items():
         if not name.startswith(DROP_RATE + "."):
             parameters[name] = value
-    parameters["seed"] = seed
+    parameters["seed"] = merge_seed(recipe, point, seed)
     return parameters
 
 
