@@ -85,8 +85,8 @@ def search(recipe: str, eval_text: Optional[str], eval_cmd: Optional[str], out: 
         settings = engine.Settings(out=out, trials=trials, seed=seed, address=address,
                                    cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                                    resume=resume, quiet=quiet)
-        for line in search_space.describe():
-            echo(f"space: {line}")
+        if address is not None:
+            engine.check_reachable(address)
         records, interrupted = engine.run(parsed, search_space, eval_spec, settings, previous, echo)
     except SearchInputError as error:
         _fail(str(error), EXIT_REFUSED)

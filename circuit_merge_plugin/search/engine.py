@@ -171,7 +171,7 @@ def record_point(record: dict) -> Point:
 # ---------------------------------------------------------------- Ray
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """One-line error for an address nothing listens on (Ray's own retries take minutes)."""
     if address == "auto":
         return
@@ -193,7 +193,7 @@ def start_ray(address: Optional[str]) -> Tuple[Any, Optional[str]]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     if address is not None:
-        _check_reachable(address)
+        check_reachable(address)
     import ray
 
     if address is not None:
@@ -300,6 +300,8 @@ def run(recipe: Recipe, space: Space, eval_spec: EvalSpec, settings: Settings,
         signal.signal(signal.SIGTERM, on_term)
         workers = _make_workers(ray, eval_spec, settings, worker_count(ray, settings, todo))
         os.makedirs(settings.out, exist_ok=True)
+        for line in space.describe():
+            echo(f"space: {line}")
         echo(f"search: {engine}, {todo} trial(s) to run on {len(workers)} worker(s)")
         log = outputs.TrialLog(settings.out)
         number = max((r["trial"] for r in records), default=0)
