@@ -46,7 +46,8 @@ def search(recipe: Path, out: Path, *args: str, timeout: float = 600, wait: bool
     command = [sys.executable, "-m", "circuit_merge_plugin.search", str(recipe), "--out", str(out), *args]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, start_new_session=True)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -224,12 +225,13 @@ def test_interrupt_keeps_a_valid_log_and_resume_finishes(workspace, llama_family
             break
         time.sleep(0.5)
     assert process.poll() is None, process.communicate()
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole process group
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "trials.jsonl is valid, continue with --resume" in stderr.strip().splitlines()[-1]
     first = read_records(out)
     assert 1 <= len(first) < 10
+    assert all(r["status"] == "ok" for r in first)  # no trial is lost to the interrupt
     done = search(recipe, out, *args, "--resume")
     assert done.returncode == 0, done.stderr
     records = read_records(out)

@@ -246,6 +246,11 @@ def _make_workers(ray, eval_spec: EvalSpec, settings: Settings, count: int) -> L
         def __init__(self, spec, threads, use_gpu):
             from circuit_merge_plugin.search.trial import TrialRunner
 
+            try:  # Ctrl-C in a terminal reaches the whole process group: the driver stops us
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            except ValueError:  # not the main thread of the worker
+                pass
+
             self.runner = TrialRunner(spec, device="cuda" if use_gpu else "cpu", threads=threads)
 
         def ready(self):
