@@ -307,6 +307,7 @@ def _closed_port() -> int:
         (["--eval", "{dir}/evals.py:one_argument"], "must take (model, tokenizer)"),
         (["--address", "ray://127.0.0.1:{port}"], "--address ray://127.0.0.1:{port}: cannot reach a Ray cluster"),
         (["--address", "nohostport"], "expected auto, HOST:PORT or ray://HOST:PORT"),
+        (["--eval-limit", "5"], "--eval-limit applies to --eval lm-eval:TASK only"),
     ],
 )
 def test_command_refusals_are_one_line_exit_2_and_leave_no_dir(tmp_path, eval_file, llama_family,

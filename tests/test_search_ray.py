@@ -237,3 +237,18 @@ def test_interrupt_keeps_a_valid_log_and_resume_finishes(workspace, llama_family
     records = read_records(out)
     assert records[: len(first)] == first
     assert len(records) == 10 and len({r["key"] for r in records}) == 10
+
+
+def test_more_gpus_per_trial_than_the_machine_has_is_refused(workspace, llama_family, tmp_path):
+    import torch
+
+    recipe = write_recipe(workspace / "gpu.yaml", llama_family)
+    out = tmp_path / "never"
+    wanted = torch.cuda.device_count() + 1
+    done = search(recipe, out, "--eval", f"{workspace / 'evals.py'}:score", "--gpus-per-trial", str(wanted))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"circuit-merge search: error: --gpus-per-trial {wanted}: the cluster has "
+        f"{torch.cuda.device_count()} GPU(s)"
+    ]
+    assert not out.exists()

@@ -36,6 +36,8 @@ def _fail(message: str, code: int) -> None:
 @click.option("--eval-cmd", metavar="COMMAND",
               help="Instead of --eval: a shell command with {model} (a temporary model "
                    "directory); the last line it prints is the score.")
+@click.option("--eval-limit", type=click.IntRange(min=1), metavar="N",
+              help="With --eval lm-eval:TASK: examples per task.")
 @click.option("--out", "out", required=True, metavar="DIR",
               help="Output directory (trials.jsonl, leaderboard.md, best.yaml, search.html).")
 @click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True,
@@ -56,7 +58,8 @@ def _fail(message: str, code: int) -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the search and merge seed of the trials (unless the recipe sets seed).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
-def search(recipe: str, eval_text: Optional[str], eval_cmd: Optional[str], out: str, trials: int,
+def search(recipe: str, eval_text: Optional[str], eval_cmd: Optional[str], eval_limit: Optional[int],
+           out: str, trials: int,
            space: Tuple[str, ...], fix: Tuple[str, ...], address: Optional[str],
            cpus_per_trial: float, gpus_per_trial: float, resume: bool, seed: int, quiet: bool) -> None:
     """Search the priority order and parameters of a circuit RECIPE with your own eval."""
@@ -77,6 +80,8 @@ def search(recipe: str, eval_text: Optional[str], eval_cmd: Optional[str], out: 
         parsed = load_recipe(recipe)
         check_local_models(parsed)
         search_space = build_space(parsed, space, fix)
+        if eval_limit is not None and not (eval_text or "").startswith("lm-eval:"):
+            raise SearchInputError("--eval-limit applies to --eval lm-eval:TASK only")
         eval_spec = parse_eval(eval_text, eval_cmd)
         from circuit_merge_plugin.insight.render import require_matplotlib
 
