@@ -54,13 +54,15 @@ _TOKENIZER_FILES = (
 
 def tensors_digest(tensors: Dict[str, Any]) -> str:
     """``circuit-merge digest`` of a model made of ``tensors`` (name -> torch tensor)."""
+    import torch
+
     digests = {}
     for name, tensor in tensors.items():
         code = TORCH_DTYPE_CODES.get(str(tensor.dtype))
         if code is None:
             raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors code")
         record = record_hash(name, code, tuple(tensor.shape))
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(__import__("torch").uint8)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         record.update(memoryview(data.numpy()))
         digests[name] = record.digest().hex()
     return combine(digests)
