@@ -40,10 +40,10 @@ CIRCUIT_DEFAULT = {"temperature": 0.0, "base_droprate": 0.5, "lambda": 1.0}
 #: all training seeds; :func:`benchmarks.quality.select.pick_preset`). Every run
 #: re-makes that pick from its own validation scores and reports whether it
 #: still agrees with this constant.
-CIRCUIT_RECOMMENDED = {"temperature": 1.0, "base_droprate": 0.25, "lambda": 0.5}
+CIRCUIT_RECOMMENDED = {"temperature": 1.0, "base_droprate": 0.5, "lambda": 0.5}
 #: The order rule the committed default run's validation picked (see
 #: :func:`rule_orders`); re-checked the same way.
-RECOMMENDED_RULE = "gain-desc"
+RECOMMENDED_RULE = "gain-asc"
 #: The order the preset grid is merged in (the rules are compared afterwards,
 #: at the preset validation picks).
 GRID_RULE = "gain-desc"

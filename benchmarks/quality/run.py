@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / ".cache"
@@ -283,13 +283,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             counts["evaluated"] += 1
         return record
 
-    by_id = {f.id: f for f in families}
+    base_scores: Dict[Path, dict] = {}
     parity = None
     try:
         # 1. every grid point on validation (merge seed m0) -----------------
         for family in families:
             t0 = time.time()
-            ref = {"base": score_dir(family.base, ("val", "test")), "experts": {}}
+            if family.base not in base_scores:  # both families share the base
+                base_scores[family.base] = score_dir(family.base, ("val", "test"))
+            ref = {"base": base_scores[family.base], "experts": {}}
             for task, path in family.experts.items():
                 ref["experts"][task] = score_dir(path, ("val", "test"))
             norms = delta_norms(family)
@@ -336,6 +338,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 point = next(p for p in points if p.settings == best)
                 for recipe in P.recipes_for(point, tasks, profile.merge_seeds):
                     run_recipe(family, recipe, "selected", ("test",))
+            # circuit tuned like the mergekit methods: its best grid point on
+            # this family's validation (in the grid's order), for comparison.
+            tuned = S.best_point(rec_list(), family.id, "circuit", m0, tasks, role="circuit-grid")
+            selected[family.id]["circuit"] = tuned
+            for recipe in P.recipes_for(P.preset_point(tuned), orders_by_family[family.id][P.GRID_RULE],
+                                        profile.merge_seeds):
+                run_recipe(family, recipe, "circuit-tuned", ("test",))
             order = orders_by_family[family.id][rule]
             for role, point in (("circuit-default", P.preset_point(P.CIRCUIT_DEFAULT)),
                                 ("circuit-recommended", P.preset_point(preset))):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 #: Rules in the order that breaks an exact tie on validation.
 RULE_PREFERENCE = ("gain-desc", "delta-norm-desc", "as-listed", "gain-asc")
@@ -44,11 +44,11 @@ def find(records: Sequence[dict], **where) -> List[dict]:
     return [r for r in records if _matches(r, **where)]
 
 
-def best_point(records, family: str, method: str, seed: int, tasks) -> dict:
+def best_point(records, family: str, method: str, seed: int, tasks, role: str = "grid") -> dict:
     """The grid setting of ``method`` with the best validation mean accuracy on
     ``family`` (merge seed ``seed``); an exact tie keeps the first in grid order."""
     best, best_score = None, None
-    for r in find(records, family=family, method=method, seed=seed, role="grid"):
+    for r in find(records, family=family, method=method, seed=seed, role=role):
         score = mean_acc(r["val"], tasks)
         if best_score is None or score > best_score:
             best, best_score = r["settings"], score
