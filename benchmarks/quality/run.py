@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m benchmarks.quality.run            # default, ~35 min wall on 2 shared cores
-    .venv/bin/python -m benchmarks.quality.run --tiny     # end to end in a few minutes
+    .venv/bin/python -m benchmarks.quality.run            # default: ~20 min wall + ~22 min training (2 busy shared cores)
+    .venv/bin/python -m benchmarks.quality.run --tiny     # end to end in ~2 minutes
 
 Steps (all cached under ``benchmarks/quality/.cache``):
 
