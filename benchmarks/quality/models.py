@@ -40,10 +40,24 @@ class TrainSettings:
     expert_replay: float = 0.5
 
     def key(self, seed: int) -> str:
-        blob = json.dumps({**asdict(self), "seed": seed}, sort_keys=True)
-        import hashlib
+        """Cache key of a family (every setting and the seed)."""
+        return _hash({**asdict(self), "seed": seed})
 
-        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+    def base_key(self, seed: int) -> str:
+        """Cache key of the base alone: families that differ only in how the
+        experts are fine-tuned share one base (so they are paired)."""
+        fields = {k: v for k, v in asdict(self).items() if k not in EXPERT_FIELDS}
+        return _hash({**fields, "seed": seed})
+
+
+#: Settings that only shape the experts' fine-tuning, not the base.
+EXPERT_FIELDS = ("expert_steps", "expert_lr", "expert_replay")
+
+
+def _hash(blob: dict) -> str:
+    import hashlib
+
+    return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def model_config(settings: TrainSettings):
@@ -187,12 +201,22 @@ def load_weights(model, directory: Path):
 
 @dataclass(frozen=True)
 class Family:
-    """A trained base and one expert per task (paths, in :data:`T.TASKS` order)."""
+    """A trained base and one expert per task (paths, in :data:`T.TASKS` order).
+
+    ``kind`` names the expert schedule (e.g. ``replay`` or ``forget``), ``seed``
+    is the training seed; ``id`` (``kind-seed``) identifies the family in the
+    results.
+    """
 
     seed: int
     root: Path
     base: Path
     experts: Dict[str, Path]
+    kind: str = "replay"
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}-{self.seed}"
 
 
 def _save(model, path: Path) -> None:
@@ -205,23 +229,27 @@ def _save(model, path: Path) -> None:
 
 
 def build_family(
-    cache: Path, settings: TrainSettings, seed: int, log=print
+    cache: Path, settings: TrainSettings, seed: int, log=print, kind: str = "replay"
 ) -> Family:
-    """Train (or reuse from ``cache``) the base and the four experts."""
-    import torch
+    """Train (or reuse from ``cache``) the base and the four experts.
 
+    The base is stored apart from the experts, keyed by the base's settings
+    only, so two families with different expert schedules share it.
+    """
     root = Path(cache) / "models" / f"family-{settings.key(seed)}"
     family = Family(
         seed=seed,
         root=root,
-        base=root / "base",
+        base=Path(cache) / "models" / f"base-{settings.base_key(seed)}",
         experts={task: root / f"expert-{task}" for task in T.TASKS},
+        kind=kind,
     )
     if (root / "complete.json").exists():
         return family
     root.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if not (family.base / "config.json").exists():
+        family.base.parent.mkdir(parents=True, exist_ok=True)
         log(f"  training base (seed {seed}, {settings.base_steps} steps) ...")
         model = new_model(settings, seed)
         train(
@@ -233,7 +261,7 @@ def build_family(
         path = family.experts[task]
         if (path / "config.json").exists():
             continue
-        log(f"  fine-tuning expert {task} ({settings.expert_steps} steps) ...")
+        log(f"  fine-tuning {kind} expert {task} ({settings.expert_steps} steps) ...")
         model = load_weights(new_model(settings, seed), family.base)
         train(
             model,

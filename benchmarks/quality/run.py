@@ -2,22 +2,25 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m benchmarks.quality.run            # default, ~20 min on 2 cores
-    .venv/bin/python -m benchmarks.quality.run --tiny     # end to end in < 1 min
+    .venv/bin/python -m benchmarks.quality.run            # default: ~17 min wall + ~22 min training (2 busy shared cores)
+    .venv/bin/python -m benchmarks.quality.run --tiny     # end to end in ~2 minutes
 
 Steps (all cached under ``benchmarks/quality/.cache``):
 
-1. train a small Llama-style base on a mixture of four digit tasks (inputs of at
-   most 5 digits), and fine-tune one expert per task from it (3..7 digits);
-   one such family per training seed;
+1. train a small Llama-style base on a mixture of four symbol tasks, and
+   fine-tune one expert per task from it in two ways: ``replay`` (half of each
+   batch replays the base's mixture) and ``forget`` (no replay, 3x the
+   learning rate); one base and both expert families per training seed;
 2. merge the four experts with the real ``mergekit-yaml`` (``merge_method:
-   circuit`` comes from the installed plugin's entry point): circuit over a
-   grid of temperature x base_droprate and over all 24 priority orders, and
-   mergekit's linear, task_arithmetic, ties, dare_ties and della at their
-   defaults plus a small grid, each random method over three merge seeds;
-3. score every merged model by exact match on held-out validation and test
-   inputs, select settings on validation only, and write
-   ``benchmarks/quality/results/`` (results.md, results.json, PNG charts).
+   circuit`` comes from the installed plugin's entry point): every method over
+   the same scale grid (circuit/ties/dare_ties/della ``lambda``,
+   task_arithmetic ``weight``), densities for the sparsifying methods, and
+   circuit's temperature x base_droprate grid; score each on validation;
+3. select on validation only: each mergekit method's setting per family, and
+   one circuit preset and one order rule across both families and all training
+   seeds; then score the selected merges on the test split over every merge
+   seed and write ``benchmarks/quality/results/`` (results.md, results.json,
+   PNG charts).
 """
 
 from __future__ import annotations
@@ -30,51 +33,57 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CACHE = HERE / ".cache"
 DEFAULT_RESULTS = HERE / "results"
 
 
+#: The expert families: how each kind fine-tunes its experts from the base.
+KINDS = ("replay", "forget")
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
     train_seeds: Tuple[int, ...]
+    #: merge seeds of the random methods; settings are selected on the first,
+    #: the selected settings are scored on test over all of them.
     merge_seeds: Tuple[int, ...]
-    #: families (by index in train_seeds) that get the full circuit grid and
-    #: the all-orders sweep; the others get the headline comparison only.
-    full_families: int
     val_examples: int
     test_examples: int
-    all_orders: bool  # every permutation, else the rotations (each task on top once)
+    kinds: Tuple[str, ...] = KINDS
 
 
 FULL = Profile(
     name="default",
     train_seeds=(0, 1, 2),
     merge_seeds=(0, 1, 2),
-    full_families=1,
     val_examples=200,
     test_examples=400,
-    all_orders=True,
 )
 TINY = Profile(
     name="tiny",
     train_seeds=(0,),
     merge_seeds=(0, 1),
-    full_families=1,
     val_examples=40,
     test_examples=60,
-    all_orders=False,
 )
 
 
-def train_settings(tiny: bool):
+def family_settings(tiny: bool):
+    """Training settings per expert family (the base is the same for both).
+
+    * ``replay``: 100 steps at lr 1e-4, half of each batch replaying the base's
+      mixture (as SFT mixes in general data): experts forget little.
+    * ``forget``: the same steps with no replay at 3x the learning rate (3e-4):
+      experts overwrite more of what the base knew.
+    """
     from benchmarks.quality.models import TrainSettings
 
     if tiny:
-        return TrainSettings(
+        replay = TrainSettings(
             hidden_size=32,
             layers=1,
             heads=2,
@@ -84,15 +93,16 @@ def train_settings(tiny: bool):
             base_steps=30,
             expert_steps=6,
         )
-    return TrainSettings()
+    else:
+        replay = TrainSettings()
+    return {"replay": replay, "forget": replace(replay, expert_replay=0.0, expert_lr=3e-4)}
 
 
 class EvalCache:
-    """Scores of merged models, keyed by family, recipe and evaluation sets."""
+    """Scores of merged models, keyed by family, recipe, split and set size."""
 
-    def __init__(self, path: Path, signature: str, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        self.signature = signature
         self.enabled = enabled
         self.data: Dict[str, dict] = {}
         if enabled and path.exists():
@@ -103,14 +113,10 @@ class EvalCache:
                     continue
                 self.data[entry["key"]] = entry["scores"]
 
-    def key(self, family, recipe) -> str:
-        return f"{family.root.name}/{recipe.key()}/{self.signature}"
+    def get(self, key: str):
+        return self.data.get(key) if self.enabled else None
 
-    def get(self, family, recipe):
-        return self.data.get(self.key(family, recipe)) if self.enabled else None
-
-    def put(self, family, recipe, scores) -> None:
-        key = self.key(family, recipe)
+    def put(self, key: str, scores) -> None:
         self.data[key] = scores
         if self.enabled:
             with open(self.path, "a") as handle:
@@ -167,19 +173,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         prog="python -m benchmarks.quality.run",
         description=__doc__.split("\n\n")[0],
     )
-    parser.add_argument("--tiny", action="store_true", help="very small end-to-end run (< 1 min)")
+    parser.add_argument("--tiny", action="store_true", help="very small end-to-end run")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/quality/results; tiny: <cache>/results-tiny)")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder for models and scores")
     parser.add_argument("--engine", choices=("worker", "cli"), default="worker",
                         help="worker: one long-lived mergekit-yaml process (default); cli: a fresh mergekit-yaml per merge (slow)")
-    parser.add_argument("--train-seeds", type=int, nargs="+", help="training seeds (one model family each)")
-    parser.add_argument("--merge-seeds", type=int, nargs="+", help="merge seeds for the random methods")
-    parser.add_argument("--full-families", type=int, help="how many families get the circuit grid and order sweep")
+    parser.add_argument("--train-seeds", type=int, nargs="+", help="training seeds (one base and both expert families each)")
+    parser.add_argument("--merge-seeds", type=int, nargs="+",
+                        help="merge seeds for the random methods (the first is the one settings are selected on)")
+    parser.add_argument("--kinds", nargs="+", choices=tuple(KINDS), help="expert families to run (default: all)")
+    parser.add_argument("--analyze-order", action="store_true",
+                        help="also compare the order `circuit-merge analyze` suggests (a subprocess per family)")
     parser.add_argument("--no-parity", action="store_true", help="skip the worker-vs-console-script check")
     parser.add_argument("--fresh", action="store_true", help="ignore cached scores (models stay cached)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in this process (default 1)")
-    parser.add_argument("--extra-order", action="append", default=[], metavar="NAME=t1,t2,t3,t4",
-                        help="also rank this priority order (e.g. from `circuit-merge analyze`)")
+    parser.add_argument("--machine", default=None, help="machine description written into results.md")
     args = parser.parse_args(argv)
 
     started = time.time()
@@ -188,8 +196,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         profile = replace(profile, train_seeds=tuple(args.train_seeds))
     if args.merge_seeds:
         profile = replace(profile, merge_seeds=tuple(args.merge_seeds))
-    if args.full_families is not None:
-        profile = replace(profile, full_families=args.full_families)
+    if args.kinds:
+        profile = replace(profile, kinds=tuple(k for k in KINDS if k in args.kinds))
     out = args.out or (args.cache / "results-tiny" if args.tiny else DEFAULT_RESULTS)
     cache = args.cache.resolve()
     cache.mkdir(parents=True, exist_ok=True)
@@ -203,141 +211,154 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from benchmarks.quality import plan as P
     from benchmarks.quality import results_page
+    from benchmarks.quality import select as S
     from benchmarks.quality import tasks as T
-    from benchmarks.quality.merging import Merger, same_tensors
-    from benchmarks.quality.models import (
-        Evaluator,
-        build_family,
-        load_weights,
-        new_model,
-    )
+    from benchmarks.quality.merging import Merger, Recipe, same_tensors
+    from benchmarks.quality.models import Evaluator, build_family, load_weights, new_model
 
     def log(message: str) -> None:
         print(f"[{time.time() - started:6.1f}s] {message}", flush=True)
 
     merger = Merger(cache / "merges", engine=args.engine)
     merger.start()  # its imports overlap with training and scoring here
-    settings = train_settings(args.tiny)
-    log(f"profile {profile.name}: training seeds {profile.train_seeds}, merge seeds {profile.merge_seeds}")
+    settings = family_settings(args.tiny)
+    log(f"profile {profile.name}: families {profile.kinds}, training seeds {profile.train_seeds}, "
+        f"merge seeds {profile.merge_seeds}")
     families = []
-    train_seconds = 0.0
+    t0 = time.time()
     for seed in profile.train_seeds:
-        t0 = time.time()
-        families.append(build_family(cache, settings, seed, log=log))
-        train_seconds += time.time() - t0
+        for kind in profile.kinds:
+            families.append(build_family(cache, settings[kind], seed, log=log, kind=kind))
+    train_seconds = time.time() - t0
     log(f"models ready ({train_seconds:.0f}s)")
+    fids = [f.id for f in families]
 
-    val = Evaluator(T.eval_sets("val", profile.val_examples))
-    test = Evaluator(T.eval_sets("test", profile.test_examples))
-    signature = f"v{profile.val_examples}-t{profile.test_examples}-{T.MAX_LEN}"
-    scores_cache = EvalCache(cache / "scores.jsonl", signature, enabled=not args.fresh)
-    template = new_model(settings, 0)
+    evaluators = {
+        "val": Evaluator(T.eval_sets("val", profile.val_examples)),
+        "test": Evaluator(T.eval_sets("test", profile.test_examples)),
+    }
+    sizes = {"val": profile.val_examples, "test": profile.test_examples}
+    scores_cache = EvalCache(cache / "scores.jsonl", enabled=not args.fresh)
+    template = new_model(settings[profile.kinds[0]], 0)
+    tasks = list(T.TASKS)
+    m0 = profile.merge_seeds[0]
 
-    def score_dir(directory: Path) -> dict:
+    def score_dir(directory: Path, splits) -> dict:
         model = load_weights(template, directory)
-        return {"val": val(model), "test": test(model)}
+        return {split: evaluators[split](model) for split in splits}
 
-    records: List[dict] = []
-    references: Dict[int, dict] = {}
-    orders_by_family: Dict[int, Dict[str, Tuple[str, ...]]] = {}
-    merge_seconds = 0.0
-    evaluated = 0
+    records: Dict[Tuple[str, str], dict] = {}
+    references: Dict[str, dict] = {}
+    orders_by_family: Dict[str, Dict[str, Tuple[str, ...]]] = {}
+    counts = {"evaluated": 0, "cached": 0}
 
-    def run_recipe(family, recipe, role: str) -> dict:
-        nonlocal evaluated
-        scores = scores_cache.get(family, recipe)
-        if scores is None:
+    def run_recipe(family, recipe, role: str, splits=("val",)) -> dict:
+        key = (family.id, recipe.key())
+        record = records.get(key)
+        if record is None:
+            record = records[key] = {
+                "family": family.id, "kind": family.kind, "train_seed": family.seed,
+                "method": recipe.method, "settings": recipe.settings,
+                "order": list(recipe.order), "seed": recipe.seed, "roles": [],
+            }
+        if role not in record["roles"]:
+            record["roles"].append(role)
+        missing = []
+        for split in splits:
+            if split in record:
+                continue
+            ckey = f"{family.root.name}/{recipe.key()}/{split}{sizes[split]}-{T.MAX_LEN}"
+            cached = scores_cache.get(ckey)
+            if cached is not None:
+                record[split] = cached
+                counts["cached"] += 1
+            else:
+                missing.append((split, ckey))
+        if missing:
             out_dir = merger.merge(recipe, family.base, family.experts, cache / "merges" / "current")
-            scores = score_dir(out_dir)
-            scores_cache.put(family, recipe, scores)
-            evaluated += 1
-        record = {
-            "family": family.seed,
-            "method": recipe.method,
-            "settings": recipe.settings,
-            "order": list(recipe.order),
-            "seed": recipe.seed,
-            "role": role,
-            **scores,
-        }
-        records.append(record)
+            scored = score_dir(out_dir, [s for s, _ in missing])
+            for split, ckey in missing:
+                record[split] = scored[split]
+                scores_cache.put(ckey, scored[split])
+            counts["evaluated"] += 1
         return record
 
+    base_scores: Dict[Path, dict] = {}
+    parity = None
     try:
-        for index, family in enumerate(families):
-            full = index < profile.full_families
-            log(f"family seed {family.seed}: evaluating base and experts")
-            ref = {"base": score_dir(family.base), "experts": {}}
-            for task, path in family.experts.items():
-                ref["experts"][task] = score_dir(path)
-            norms = delta_norms(family)
-            gains = {
-                t: ref["experts"][t]["val"][t] - ref["base"]["val"][t] for t in T.TASKS
-            }
-            ref["delta_norms"] = norms
-            references[family.seed] = ref
-            orders = P.rule_orders(T.TASKS, norms, gains)
-            suggested = None if args.tiny else analyze_order(family, T.TASKS, cache)
-            if suggested is not None:
-                orders["analyze"] = suggested
-            for spec in args.extra_order:
-                name, _, listed = spec.partition("=")
-                order = tuple(x.strip() for x in listed.split(","))
-                if sorted(order) != sorted(T.TASKS):
-                    raise SystemExit(f"--extra-order {spec!r}: must list {', '.join(T.TASKS)}")
-                orders[name] = order
-            orders_by_family[family.seed] = orders
-            rule_order = orders[P.RECOMMENDED_RULE]
-            log(f"  delta norms {', '.join(f'{t}={v:.2f}' for t, v in norms.items())}; "
-                f"{P.RECOMMENDED_RULE} order: {' > '.join(rule_order)}")
-
+        # 1. every grid point on validation (merge seed m0) -----------------
+        for family in families:
             t0 = time.time()
-            # mergekit methods: order does not matter to them; listed order.
+            if family.base not in base_scores:  # both families share the base
+                base_scores[family.base] = score_dir(family.base, ("val", "test"))
+            ref = {"base": base_scores[family.base], "experts": {}}
+            for task, path in family.experts.items():
+                ref["experts"][task] = score_dir(path, ("val", "test"))
+            norms = delta_norms(family)
+            gains = {t: ref["experts"][t]["val"][t] - ref["base"]["val"][t] for t in tasks}
+            ref.update(delta_norms=norms, val_gains=gains, kind=family.kind, train_seed=family.seed)
+            references[family.id] = ref
+            orders = P.rule_orders(tasks, norms, gains)
+            if args.analyze_order:
+                suggested = analyze_order(family, tasks, cache)
+                if suggested is not None:
+                    orders["analyze"] = suggested
+            orders_by_family[family.id] = orders
+            log(f"{family.id}: gains " + ", ".join(f"{t}={100 * g:+.1f}" for t, g in gains.items())
+                + f"; {P.GRID_RULE} order {' > '.join(orders[P.GRID_RULE])}")
             for method, points in P.mergekit_points(args.tiny).items():
                 for point in points:
-                    role = "default" if point.is_default else "grid"
-                    for recipe in P.recipes_for(point, T.TASKS, profile.merge_seeds):
-                        run_recipe(family, recipe, role)
-            log(f"  mergekit methods done ({time.time() - t0:.0f}s)")
-
-            # circuit: defaults and preset on the rule order (every family).
-            t0 = time.time()
-            headline = [P.circuit_point(**P.CIRCUIT_DEFAULT), P.circuit_point(**P.CIRCUIT_RECOMMENDED)]
-            temps, drops = P.circuit_grid(args.tiny)
-            grid = [P.circuit_point(t, d) for t in temps for d in drops] if full else []
-            for point in headline:
-                for recipe in P.recipes_for(point, rule_order, profile.merge_seeds):
-                    run_recipe(family, recipe, "circuit-rule-order")
-            for point in grid:
-                for recipe in P.recipes_for(point, rule_order, profile.merge_seeds):
+                    for recipe in P.recipes_for(point, tasks, [m0]):
+                        run_recipe(family, recipe, "grid")
+            for point in P.circuit_points(args.tiny):
+                for recipe in P.recipes_for(point, orders[P.GRID_RULE], [m0]):
                     run_recipe(family, recipe, "circuit-grid")
-            log(f"  circuit {'grid' if full else 'presets'} on the rule order done ({time.time() - t0:.0f}s)")
-            t0 = time.time()
-            if full:
-                sweep = P.all_orders(T.TASKS) if profile.all_orders else P.rotations(T.TASKS)
-            else:
-                sweep = []  # only the rules' orders: out-of-sample evidence for them
-            for extra in orders.values():
-                if extra not in sweep:
-                    sweep.append(extra)
-            if sweep:
-                for point in {p.params: p for p in headline}.values():
-                    for order in sweep:
-                        for recipe in P.recipes_for(point, order, profile.merge_seeds):
-                            run_recipe(family, recipe, "circuit-orders" if full else "circuit-rules")
-                log(f"  circuit order sweep done ({len(sweep)} orders, {time.time() - t0:.0f}s)")
+            log(f"  {family.id}: validation grid done ({time.time() - t0:.0f}s)")
 
-        parity = None
+        rec_list = lambda: list(records.values())  # noqa: E731
+        # 2. circuit preset across all families, then the order rule ---------
+        preset = S.pick_preset(rec_list(), fids, m0, tasks)
+        log(f"validation picks circuit preset {preset}")
+        t0 = time.time()
+        for family in families:
+            for name, order in orders_by_family[family.id].items():
+                for recipe in P.recipes_for(P.preset_point(preset), order, [m0]):
+                    run_recipe(family, recipe, "rule", ("val", "test"))
+        rule = S.pick_rule(rec_list(), fids, preset, orders_by_family, m0, tasks)
+        log(f"validation picks order rule {rule} ({time.time() - t0:.0f}s)")
+
+        # 3. the selected settings on test, every merge seed -----------------
+        selected: Dict[str, Dict[str, dict]] = {}
+        for family in families:
+            t0 = time.time()
+            selected[family.id] = {}
+            for method, points in P.mergekit_points(args.tiny).items():
+                best = S.best_point(rec_list(), family.id, method, m0, tasks)
+                selected[family.id][method] = best
+                point = next(p for p in points if p.settings == best)
+                for recipe in P.recipes_for(point, tasks, profile.merge_seeds):
+                    run_recipe(family, recipe, "selected", ("test",))
+            # circuit tuned like the mergekit methods: its best grid point on
+            # this family's validation (in the grid's order), for comparison.
+            tuned = S.best_point(rec_list(), family.id, "circuit", m0, tasks, role="circuit-grid")
+            selected[family.id]["circuit"] = tuned
+            for recipe in P.recipes_for(P.preset_point(tuned), orders_by_family[family.id][P.GRID_RULE],
+                                        profile.merge_seeds):
+                run_recipe(family, recipe, "circuit-tuned", ("test",))
+            order = orders_by_family[family.id][rule]
+            for role, point in (("circuit-default", P.preset_point(P.CIRCUIT_DEFAULT)),
+                                ("circuit-recommended", P.preset_point(preset))):
+                for recipe in P.recipes_for(point, order, profile.merge_seeds):
+                    run_recipe(family, recipe, role, ("test",))
+            log(f"  {family.id}: test scores done ({time.time() - t0:.0f}s)")
+
         if not args.no_parity and not args.tiny:
             # The worker must write exactly what a fresh mergekit-yaml writes.
-            from benchmarks.quality.merging import Recipe
-
             family = families[0]
             checks = []
             for recipe in (
-                Recipe("circuit", orders_by_family[family.seed][P.RECOMMENDED_RULE],
-                       P.circuit_point(**P.CIRCUIT_RECOMMENDED).params, (), 0),
-                Recipe("della", T.TASKS, (), (("weight", 1.0), ("density", 0.5)), 0),
+                Recipe("circuit", orders_by_family[family.id][rule], P.preset_point(preset).params, (), 0),
+                Recipe("della", tuple(tasks), (("lambda", 0.5),), (("weight", 1.0), ("density", 0.5)), 0),
             ):
                 a = merger.merge(recipe, family.base, family.experts, cache / "merges" / "parity-worker", engine="worker")
                 b = merger.merge(recipe, family.base, family.experts, cache / "merges" / "parity-cli", engine="cli")
@@ -360,28 +381,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "training_seconds": round(train_seconds, 1),
         "merges_run": merges,
         "merge_seconds": round(merge_seconds, 1),
-        "merged_models_evaluated": evaluated,
+        "merged_models_evaluated": counts["evaluated"],
+        "cached_scores_used": counts["cached"],
         "engine": args.engine,
-        "cached_scores_used": len(records) - evaluated,
     }
     context = {
         "profile": asdict(profile),
-        "train_settings": asdict(settings),
-        "tasks": list(T.TASKS),
+        "train_settings": {k: asdict(v) for k, v in settings.items() if k in profile.kinds},
+        "tasks": tasks,
+        "families": fids,
+        "scales": list(P.scales(args.tiny)),
+        "densities": list(P.TINY_DENSITIES if args.tiny else P.DENSITIES),
+        "temperatures": list(P.TINY_TEMPERATURES if args.tiny else P.CIRCUIT_TEMPERATURES),
+        "droprates": list(P.TINY_DROPRATES if args.tiny else P.CIRCUIT_DROPRATES),
         "circuit_default": P.CIRCUIT_DEFAULT,
         "circuit_recommended": P.CIRCUIT_RECOMMENDED,
         "recommended_rule": P.RECOMMENDED_RULE,
-        "orders": {str(k): {n: list(o) for n, o in v.items()} for k, v in orders_by_family.items()},
+        "grid_rule": P.GRID_RULE,
+        "gained_nothing": P.GAINED_NOTHING,
+        "picked_preset": preset,
+        "picked_rule": rule,
+        "selected": selected,
+        "orders": {f: {n: list(o) for n, o in v.items()} for f, v in orders_by_family.items()},
         "parity": parity,
         "runtime": runtime,
+        "machine": args.machine or machine_description(),
         "command": " ".join(["python -m benchmarks.quality.run", *(argv if argv is not None else sys.argv[1:])]),
     }
-    analysis = results_page.analyse(records, references, context)
-    results_page.write(out, records, references, analysis, context)
-    runtime["total_seconds"] = round(time.time() - started, 1)
-    log(f"wrote {out} ({runtime['total_seconds']:.0f}s total)")
+    recs = list(records.values())
+    analysis = results_page.analyse(recs, references, context)
+    results_page.write(out, recs, references, analysis, context)
+    log(f"wrote {out} ({time.time() - started:.0f}s total)")
     print(results_page.summary_text(analysis))
     return 0
+
+
+def machine_description() -> str:
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores ({platform.system()} {platform.release()})"
 
 
 if __name__ == "__main__":
