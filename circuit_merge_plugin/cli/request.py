@@ -22,10 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from circuit_merge_plugin.core.params import GLOBAL_PARAMETERS, CircuitParams, check_parameter
+from circuit_merge_plugin.core.params import (
+    GLOBAL_PARAMETERS,
+    ORIGINAL_SCRIPT_SEED,
+    CircuitParams,
+    check_parameter,
+)
 
-#: The original script's ``--seed`` default (its argparse default is 0).
-DEFAULT_SEED = 0
 #: mergekit's default output shard size, in bytes.
 DEFAULT_SHARD_SIZE = "5B"
 DTYPES = {
@@ -152,10 +155,11 @@ def resolve_parameters(
 
     ``flag_values`` holds only the flags actually given on the command line.
     Returns (params, sources) where sources maps each parameter to where its
-    value came from ("default", "config" or "command line").
+    value came from ("default", "config" or "command line"). The seed follows
+    ``SEED_RULES["circuit-merge"]`` (default ``ORIGINAL_SCRIPT_SEED``).
     """
     values: Dict[str, Any] = {p.name: p.default for p in GLOBAL_PARAMETERS}
-    values["seed"] = DEFAULT_SEED
+    values["seed"] = ORIGINAL_SCRIPT_SEED
     sources = {name: "default" for name in values}
     for origin, given in (("config", config_parameters), ("command line", flag_values)):
         for key, value in given.items():
@@ -170,7 +174,7 @@ def resolve_parameters(
                 raise ValueError(f"{where}{error}") from None
             sources[key] = origin
     if values["seed"] is None:
-        values["seed"] = DEFAULT_SEED
+        values["seed"] = ORIGINAL_SCRIPT_SEED
     return CircuitParams.from_parameters(values), sources
 
 

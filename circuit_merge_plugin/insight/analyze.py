@@ -57,6 +57,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from circuit_merge_plugin.core.params import parameter_info
+from circuit_merge_plugin.errors import Refused, run_guarded
 from circuit_merge_plugin.insight.render import (
     agreement_matrix,
     check_chart_options,
@@ -80,8 +82,6 @@ from circuit_merge_plugin.insight.render import (
 PROG = "circuit-merge analyze"
 FORMAT = "circuit-merge-analysis"
 VERSION = 1
-EXIT_FAILED = 1
-EXIT_REFUSED = 2
 
 #: Elements per chunk times (variants + 1): a chunk holds CHUNK_BUDGET // (n + 1)
 #: elements of the base and of each of the n variants. The temporaries take
@@ -96,11 +96,6 @@ MAX_EXACT = 16
 #: Orders whose overwritten mass differs by less than this share of all
 #: |delta| mass are ties.
 TIE_TOLERANCE = 1e-9
-
-
-class Refused(ValueError):
-    """Bad input, detected before or while reading; exit code 2."""
-
 
 
 # ---------------------------------------------------------------- inputs
@@ -615,13 +610,14 @@ def _group_doc(name: str, stats: _Stats) -> dict:
             "variants": variants, "pairs": pairs}
 
 
-def analyze(base: str, variants: Sequence[str], *, threshold: float = 2e-6,
+_THRESHOLD = parameter_info("meaningful_change_threshold")
+
+
+def analyze(base: str, variants: Sequence[str], *, threshold: float = _THRESHOLD.default,
             chunk_budget: int = CHUNK_BUDGET, progress: bool = False) -> dict:
     """The analysis document of BASE and VARIANTS (see the module docs)."""
-    from circuit_merge_plugin.core.params import check_parameter
-
     try:
-        threshold = check_parameter("meaningful_change_threshold", threshold)
+        threshold = _THRESHOLD.check(threshold)
     except ValueError as error:
         raise Refused(f"--threshold: {error}") from None
     inputs = open_inputs(base, variants)
@@ -901,8 +897,9 @@ def render_html(doc: dict, pngs: Dict[str, Tuple[str, bytes]]) -> str:
                                                  "max_content_width": 100})
 @click.argument("paths", nargs=-1, metavar="BASE VARIANT1 [VARIANT2 ...]")
 @click.option("--threshold", "--meaningful_change_threshold",
-              "threshold", type=float, default=2e-6, show_default=True, metavar="X",
-              help="|delta| below this counts as unchanged (as in the merge).")
+              "threshold", type=float, default=_THRESHOLD.default, show_default=True,
+              metavar="X", help=f"{_THRESHOLD.range_text} {_THRESHOLD.meaning} (the merge's "
+              "meaningful_change_threshold)")
 @click.option("--json", "json_path", metavar="FILE", default=None,
               help="Write the full analysis as JSON to FILE ('-' for stdout, which "
               "replaces the text report).")
@@ -911,7 +908,8 @@ def render_html(doc: dict, pngs: Dict[str, Tuple[str, bytes]]) -> str:
 @click.option("--png-dir", "--png_dir", "png_dir", metavar="DIR", default=None,
               help="Write the PNG charts into DIR (created if missing).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or messages.")
-def analyze_command(paths, threshold, json_path, html_path, png_dir, quiet):
+@click.pass_context
+def analyze_command(ctx, paths, threshold, json_path, html_path, png_dir, quiet):
     """Compare VARIANT1..N with BASE before merging them.
 
     Variants are in priority order (first = highest). Prints, per variant and
@@ -921,6 +919,11 @@ def analyze_command(paths, threshold, json_path, html_path, png_dir, quiet):
     |delta| mass each priority order would overwrite on sign conflicts, with
     the order that overwrites least. Tensors are streamed in chunks.
     """
+    ctx.exit(run_guarded(
+        lambda: _analyze_command(paths, threshold, json_path, html_path, png_dir, quiet), PROG))
+
+
+def _analyze_command(paths, threshold, json_path, html_path, png_dir, quiet) -> int:
     if len(paths) < 2:
         raise Refused("give BASE and at least one VARIANT directory")
     check_output_file(json_path, "--json")
