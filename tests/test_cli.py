@@ -527,3 +527,40 @@ def test_print_recipe(bare, llama_family, tmp_path):
     raw = ok(cli("--print-recipe", "base", "v1", "out", cwd=bare))
     assert "mergekit-pytorch" in raw.stdout
     assert yaml.safe_load(raw.stdout)["base_model"] == "./base"
+
+
+def test_digest_expect_and_against(bare, tmp_path, capsys):
+    """CI regression checks: --expect HASH exits 1 on a mismatch, 0 on a match;
+    --against OTHER_DIR names every tensor that differs and exits 1."""
+    from circuit_merge_plugin.cli import main as cli_main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as stop:
+            cli_main.main(["digest", *(str(a) for a in args)])
+        return stop.value.code, capsys.readouterr()
+
+    tensors = load_tensors(bare / "v2")
+    same, other = tmp_path / "same", tmp_path / "other"
+    same.mkdir()
+    other.mkdir()
+    save_file(tensors, str(same / "model.safetensors"))
+    changed = dict(tensors, w0=tensors["w0"] + 1)
+    del changed["only_v2"]
+    changed["extra"] = torch.zeros(2)
+    save_file(changed, str(other / "model.safetensors"))
+    digest = digest_directory(same)
+    code, captured = run(same, "--expect", digest)
+    assert code == 0 and captured.out.strip() == digest
+    code, captured = run(same, "--expect", digest.upper())  # hex is case-insensitive
+    assert code == 0
+    code, captured = run(other, "--expect", digest)
+    assert code == 1 and f"expected {digest}" in captured.err
+    code, captured = run(same, "--expect", "abc")
+    assert code == 2 and "--expect abc: not a digest" in captured.err
+    code, captured = run(same, "--against", other)
+    assert code == 1
+    lines = captured.out.splitlines()
+    assert lines[1:] == ["differs: w0", f"only in {same}: only_v2", f"only in {other}: extra"]
+    assert "3 tensor(s) differ" in captured.err
+    code, captured = run(same, "--against", bare / "v2")
+    assert code == 0 and f"same tensors as {bare / 'v2'}" in captured.out

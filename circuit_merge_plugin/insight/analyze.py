@@ -37,10 +37,13 @@ priority orders
     it smaller) from per-variant histograms of which other variants disagree,
     exactly for up to 16 variants; beyond that from the pairwise conflict
     masses (an upper bound). Every permutation is evaluated for up to 7
-    variants, otherwise a greedy order improved by pairwise swaps. The
-    suggested order overwrites the least mass; ties (within 1e-9 of all
-    |delta| mass) go to the order putting variants with more |delta| mass first,
-    then to the listing order.
+    variants, otherwise a greedy order improved by pairwise swaps. The order
+    that overwrites least (``orders.suggested`` in the JSON document) has the
+    least overwritten mass; ties (within 1e-9 of all |delta| mass) go to the
+    order putting variants with more |delta| mass first, then to the listing
+    order. It predicts sign conflicts, not merge quality: the quality
+    benchmark found it no better than other orders; order by the variants'
+    validated gain on their own task, or by evaluation (``circuit-merge search``).
 
 Exit codes: 0 done; 2 refused (missing directory, mismatched models, bad
 option; one line naming the path or tensor); 1 failed while reading; 130
@@ -660,6 +663,15 @@ def analyze(base: str, variants: Sequence[str], *, threshold: float = _THRESHOLD
 # ---------------------------------------------------------------- rendering
 
 
+#: What the order statistic is, and what it is not.
+LEAST_OVERWRITING = "Order that overwrites least"
+CONFLICT_NOT_QUALITY = (
+    "This statistic predicts sign conflicts, not merge quality. Order variants by their "
+    "validated gain on their own task (highest first), or choose an order by evaluation "
+    "with `circuit-merge search`."
+)
+
+
 def _order_text(order: Sequence[int]) -> str:
     return " ".join(f"V{j + 1}" for j in order)
 
@@ -789,10 +801,11 @@ def render_text(doc: dict, *, order_limit: int = 10) -> str:
     )
     out += [
         "",
-        f"Suggested priority order: {_order_text(suggested['order'])} = "
+        f"{LEAST_OVERWRITING}: {_order_text(suggested['order'])} = "
         + " ".join(suggested["labels"]),
         f"  overwrites {fmt_float(suggested['overwritten_mass'])} "
         f"({fmt_share(suggested['overwritten_share'])} of all |d|){note}",
+        f"  {CONFLICT_NOT_QUALITY}",
     ]
     everything = sum(v["abs_sum"] for v in total["variants"])
     spread = orders["orders"][-1]["overwritten_mass"] - suggested["overwritten_mass"]
@@ -866,8 +879,9 @@ def render_html(doc: dict, pngs: Dict[str, Tuple[str, bytes]]) -> str:
             ("Per pair (all layers)", [html_table(PAIR_HEADERS, _pair_rows(total))]),
             ("Sign conflicts", [html_table(CONFLICT_HEADERS, _conflict_rows(doc))]),
             ("Priority orders", [
+                html_paragraph(CONFLICT_NOT_QUALITY),
                 html_paragraph(
-                    f"Suggested: {_order_text(suggested['order'])} "
+                    f"{LEAST_OVERWRITING}: {_order_text(suggested['order'])} "
                     f"({', '.join(suggested['labels'])}), overwriting "
                     f"{fmt_float(suggested['overwritten_mass'])} of |d| "
                     f"({fmt_share(suggested['overwritten_share'])}). Overwritten mass: sum of "
@@ -917,7 +931,9 @@ def analyze_command(ctx, paths, threshold, json_path, html_path, png_dir, quiet)
     |delta| and the sign balance; per pair of variants the overlap of changed
     parameters, sign agreement and mean |d_i - d_j| on the overlap; and the
     |delta| mass each priority order would overwrite on sign conflicts, with
-    the order that overwrites least. Tensors are streamed in chunks.
+    the order that overwrites least (it predicts conflict, not quality: choose
+    an order by evaluation with `circuit-merge search`). Tensors are streamed
+    in chunks.
     """
     ctx.exit(run_guarded(
         lambda: _analyze_command(paths, threshold, json_path, html_path, png_dir, quiet), PROG))
