@@ -564,3 +564,73 @@ def test_digest_expect_and_against(bare, tmp_path, capsys):
     assert "3 tensor(s) differ" in captured.err
     code, captured = run(same, "--against", bare / "v2")
     assert code == 0 and f"same tensors as {bare / 'v2'}" in captured.out
+
+
+def test_raw_mode_stand_in_keeps_the_original_drop_rates():
+    """A tensor missing from the base: the first variant that has it stands in,
+    the others keep the drop rates of their positions among the variants that
+    have it (the kernel's formula: 0.5, 0.75, 0.75 for three at the defaults)."""
+    from circuit_merge_plugin.cli.raw_tensors import tensor_plan
+    from circuit_merge_plugin.io.headers import TensorHeader
+    from circuit_merge_plugin.io.inputs import ModelDir
+
+    def model(role, names):
+        found = ModelDir(given=role, path=Path("/" + role), role=role)
+        found.tensors = {n: TensorHeader(Path("x"), n, "F32", (2,), 0, 8) for n in names}
+        return found
+
+    base = model("base", ["w"])
+    variants = [model("v1", ["w", "x"]), model("v2", ["w", "x"]), model("v3", ["x", "y"])]
+    params = CircuitParams(seed=0)
+    assert tensor_plan("w", base, variants, params) == (base, variants[:2], None)
+    stand_in, merging, rates = tensor_plan("x", base, variants, params)
+    assert stand_in is variants[0] and merging == variants[1:] and rates == [0.75, 0.75]
+    stand_in, merging, rates = tensor_plan("y", base, variants, params)
+    assert stand_in is variants[2] and merging == [] and rates == []
+
+
+@pytest.fixture(scope="module")
+def added_tokens(llama_family, tmp_path_factory) -> Path:
+    """variant 2 of the Llama family fine-tuned with two added tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from circuit_merge_plugin.demo.toymodels import SPECIAL_TOKENS, _save, build_tokenizer
+    from circuit_merge_plugin.demo.toymodels import word_level_tokenizer
+
+    base_tokens = build_tokenizer().get_vocab()
+    tokens = sorted(base_tokens, key=base_tokens.get) + ["zebra", "quokka"]
+    assert not {"zebra", "quokka"} & set(base_tokens)
+    assert set(SPECIAL_TOKENS) <= set(tokens)
+    tokenizer = word_level_tokenizer(tokens)
+    model = AutoModelForCausalLM.from_pretrained(str(llama_family.variants[1]))
+    model.resize_token_embeddings(len(tokenizer))
+    out = tmp_path_factory.mktemp("added") / "variant2-added"
+    _save(model, tokenizer, out, None)
+    return out
+
+
+def test_tokenizer_source_aligns_added_tokens_and_without_it_the_refusal_says_so(
+        llama_family, added_tokens, tmp_path):
+    base, v1 = llama_family.base, llama_family.variants[0]
+    vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+    refused = cli(base, v1, added_tokens, tmp_path / "none")
+    assert refused.returncode == 2, refused.stderr
+    line = refused.stderr.strip()
+    assert line.startswith("circuit-merge: error: vocabulary sizes differ: variant 2 ")
+    assert f"{vocab + 2} tokens, base model {base} {vocab}" in line
+    assert "--tokenizer-source union" in line
+    assert not (tmp_path / "none").exists()
+    runs = Launched(tmp_path)
+    try:
+        for source in ("union", "base"):
+            runs.start(source, base, v1, added_tokens, tmp_path / source, "--tokenizer-source",
+                       source, "--seed", "1", "-q")
+        for source, size in (("union", vocab + 2), ("base", vocab)):
+            ok(runs.result(source))
+            merged = load_tensors(tmp_path / source)
+            assert merged["model.embed_tokens.weight"].shape[0] == size, source
+            assert merged["lm_head.weight"].shape[0] == size, source
+    finally:
+        runs.close()
+    bare = cli(base, v1, tmp_path / "x", "--tokenizer-source", "nowhere")
+    assert bare.returncode == 2 and "--tokenizer-source must be base, union or a model" in bare.stderr

@@ -150,6 +150,11 @@ def _parameter_options(function):
               help="Output dtype of floating tensors.  [default: the merge's]")
 @click.option("--out-shard-size", "--out_shard_size", "out_shard_size", default=None,
               metavar="SIZE", help="Bytes per output shard, K/M/B suffixes.  [default: 5B]")
+@click.option("--tokenizer-source", "--tokenizer_source", "tokenizer_source", default=None,
+              metavar="base|union|MODEL",
+              help="Align vocabularies that differ (fine-tunes that added tokens), as "
+              "mergekit-yaml's tokenizer_source: the base's tokens, the union of all, or "
+              "a model directory's.  [default: none: a vocabulary difference is refused]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTPUT.")
 @click.option("--allow-pickle", "--allow_pickle", "allow_pickle", is_flag=True,
@@ -161,8 +166,8 @@ def _parameter_options(function):
               help="Print the equivalent mergekit recipe and exit.")
 @click.version_option(__version__, "--version", prog_name=PROG)
 def merge_command(paths, config_path, selftest, cuda, device, dtype, out_dtype,
-                  out_shard_size, quiet, overwrite, allow_pickle, no_report, print_recipe,
-                  **parameter_flags):
+                  out_shard_size, tokenizer_source, quiet, overwrite, allow_pickle, no_report,
+                  print_recipe, **parameter_flags):
     """Merge VARIANT1..N into BASE with Circuit-Merge!, through mergekit.
 
     Variants are in priority order: the first listed wins sign conflicts and
@@ -178,7 +183,7 @@ def merge_command(paths, config_path, selftest, cuda, device, dtype, out_dtype,
             list(paths), config_path, parameter_flags, selftest=selftest, cuda=cuda,
             device=device, dtype=dtype, out_dtype=out_dtype,
             out_shard_size=out_shard_size, quiet=quiet, overwrite=overwrite,
-            allow_pickle=allow_pickle, report=not no_report,
+            allow_pickle=allow_pickle, report=not no_report, tokenizer_source=tokenizer_source,
         )
     except ValueError as error:
         fail(error, EXIT_REFUSED)
@@ -201,13 +206,14 @@ def merge_command(paths, config_path, selftest, cuda, device, dtype, out_dtype,
 
 def _build_request(paths, config_path, parameter_flags, *, selftest, cuda, device,
                    dtype, out_dtype, out_shard_size, quiet, overwrite, allow_pickle,
-                   report=True):
+                   report=True, tokenizer_source=None):
     from circuit_merge_plugin.cli.request import (
         DEFAULT_SHARD_SIZE,
         MergeRequest,
         load_config,
         parse_dtype,
         parse_size,
+        parse_tokenizer_source,
         paths_from,
         resolve_parameters,
     )
@@ -242,6 +248,7 @@ def _build_request(paths, config_path, parameter_flags, *, selftest, cuda, devic
         allow_pickle=allow_pickle,
         report=report,
         sources=sources,
+        tokenizer_source=parse_tokenizer_source(tokenizer_source),
     )
 
 

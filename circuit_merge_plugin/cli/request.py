@@ -60,6 +60,7 @@ class MergeRequest:
     overwrite: bool = False
     allow_pickle: bool = False
     report: bool = True  # write circuit_merge_report.json into the output
+    tokenizer_source: Optional[str] = None  # "base", "union" or a model directory
     sources: Dict[str, str] = field(default_factory=dict)  # parameter -> where from
 
 
@@ -84,6 +85,19 @@ def parse_dtype(text: Optional[str], name: str) -> Optional[str]:
             f"{name} must be one of float32, float16, bfloat16, got {text!r}"
         )
     return dtype
+
+
+def parse_tokenizer_source(text: Optional[str]) -> Optional[str]:
+    """``base``, ``union`` or a model directory (as mergekit-yaml's tokenizer_source)."""
+    if text is None or text in ("base", "union"):
+        return text
+    import os
+
+    if not os.path.isdir(os.path.expanduser(text)):
+        raise ValueError(
+            f"--tokenizer-source must be base, union or a model directory, got {text!r}"
+        )
+    return text
 
 
 def load_config(path: str) -> Dict[str, Any]:
