@@ -634,3 +634,43 @@ def test_tokenizer_source_aligns_added_tokens_and_without_it_the_refusal_says_so
         runs.close()
     bare = cli(base, v1, tmp_path / "x", "--tokenizer-source", "nowhere")
     assert bare.returncode == 2 and "--tokenizer-source must be base, union or a model" in bare.stderr
+
+
+def test_group_runs_subcommands_and_adds_search_when_installed(monkeypatch, capsys):
+    """The first word names a subcommand, else the command line is a merge; a
+    ``search`` command is added when circuit_merge_plugin.search.command exists."""
+    import importlib.machinery
+    import types
+
+    import click
+
+    from circuit_merge_plugin.cli import main as cli_main
+
+    listed = cli_main.circuit_merge.list_commands(None)
+    assert {"check", "digest", "analyze", "report", "demo"} <= set(listed)
+    for name in listed:
+        assert isinstance(cli_main.circuit_merge.get_command(None, name), click.Command), name
+
+    @click.command(name="search")
+    @click.argument("what")
+    def search(what):
+        click.echo(f"searching {what}")
+
+    for name in ("circuit_merge_plugin.search", "circuit_merge_plugin.search.command"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["circuit_merge_plugin.search.command"].search = search
+    assert "search" in cli_main.circuit_merge.list_commands(None)
+    with pytest.raises(SystemExit) as stop:
+        cli_main.main(["search", "orders"])
+    assert stop.value.code == 0 and capsys.readouterr().out == "searching orders\n"
+    with pytest.raises(SystemExit) as stop:
+        cli_main.main(["--help"])
+    assert stop.value.code == 0
+    assert "circuit-merge search" in capsys.readouterr().out
+    # not a subcommand's name: the merge command's own refusal
+    with pytest.raises(SystemExit) as stop:
+        cli_main.main(["only-one-path"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("circuit-merge: error: expected BASE VARIANT1")

@@ -4,7 +4,7 @@ Order of work, so that bad input costs nothing and leaves nothing behind:
 
 1. parameters were validated when the request was built (:mod:`.request`);
 2. directories, file kinds, config.json and safetensors headers are checked
-   (:mod:`.inputs`), still without torch or mergekit;
+   (:mod:`circuit_merge_plugin.io.inputs`), still without torch or mergekit;
 3. mergekit is imported and the mode chosen: directories whose config.json names
    an architecture mergekit knows go through its normal planner
    (``mergekit.merge.run_merge`` on a ``MergeConfiguration`` built in memory:
@@ -13,7 +13,7 @@ Order of work, so that bad input costs nothing and leaves nothing behind:
 4. everything is written into a hidden temporary directory beside OUTPUT,
    completed with an index, a ``circuit_merge.json`` manifest and its digest,
    and (unless ``--no-report``) ``circuit_merge_report.json``, written by the
-   merge method itself as it merges (:mod:`.report_writer`), with variants
+   merge method itself as it merges (:mod:`circuit_merge_plugin.adapters.recording`), with variants
    labelled as given on the command line; only then is it renamed to OUTPUT.
 """
 
@@ -380,12 +380,17 @@ def _reporting(request: MergeRequest, inputs: Inputs, out: Path) -> Iterator[Non
     if not request.report:
         yield
         return
-    from circuit_merge_plugin.adapters.recording import reporting_to
+    from circuit_merge_plugin.adapters import recording
     from circuit_merge_plugin.io.report_file import REPORT_FILE
 
     aliases = {str(model.path): model.given for model in (inputs.base, *inputs.variants)}
-    with reporting_to(str(out / REPORT_FILE), aliases):
+    with recording.reporting_to(str(out / REPORT_FILE), aliases) as path:
         yield
+        # The merge returned: mark the report finished (``"finished": true``) while it
+        # is still in the temporary directory, where the recorder writes it.
+        finish = getattr(recording, "finish", None)
+        if finish is not None:
+            finish(path)
 
 
 def run_job(request: MergeRequest, *, inputs: Optional[Inputs] = None) -> tuple:

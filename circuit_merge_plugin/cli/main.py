@@ -429,6 +429,7 @@ class CircuitMergeGroup(click.Group):
     def main(self, args=None, prog_name=None, **extra):
         args = list(sys.argv[1:] if args is None else args)
         if not args or args[0] not in self.list_commands(None):
+            self.default.epilog = _epilog()  # the subcommands installed now
             return self.default.main(args=args, prog_name=prog_name or PROG, **extra)
         return super().main(args=args, prog_name=prog_name or PROG, **extra)
 
