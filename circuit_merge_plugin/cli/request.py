@@ -117,8 +117,9 @@ def load_config(path: str) -> Dict[str, Any]:
         raise ValueError(f"config {path}: expected a mapping of keys at the top level")
     if "merge_method" in data or "models" in data:
         raise ValueError(
-            f"config {path}: this is a mergekit recipe; run it with mergekit-yaml "
-            "(circuit-merge --config reads base_model / variant_models / output_dir)"
+            f"config {path}: this is a mergekit recipe; check it with circuit-merge check "
+            "and run it with mergekit-yaml (circuit-merge --config reads base_model / "
+            "variant_models / output_dir)"
         )
     unknown = sorted(set(data) - set(CONFIG_KEYS))
     if unknown:
