@@ -63,20 +63,8 @@ import click
 
 from circuit_merge_plugin.core.params import parameter_info
 from circuit_merge_plugin.errors import Refused, run_guarded
-from circuit_merge_plugin.insight.analyze_stats import (  # noqa: F401 - re-exported
-    CHUNK_BUDGET,
-    MAX_EXACT,
-    Inputs,
-    _Stats,
-    collect,
-    open_inputs,
-)
-from circuit_merge_plugin.insight.orders import (  # noqa: F401 - re-exported
-    MAX_PERMUTED,
-    TIE_TOLERANCE,
-    OrderCost,
-    rank_orders,
-)
+from circuit_merge_plugin.insight.analyze_stats import CHUNK_BUDGET, _Stats, collect, open_inputs
+from circuit_merge_plugin.insight.orders import OrderCost, rank_orders
 from circuit_merge_plugin.insight.render import (
     agreement_matrix,
     check_chart_options,
