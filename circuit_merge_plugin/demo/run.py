@@ -104,7 +104,7 @@ def run_demo(workdir: Path, recipe: Path | None = None, quiet: bool = False) -> 
     model = AutoModelForCausalLM.from_pretrained(out)
     model.eval()
     prompt = "the quick brown fox"
-    inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
     with torch.no_grad():
         generated = model.generate(
             **inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
