@@ -322,6 +322,18 @@ def test_header_shows_the_recipe_parameters_as_given(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert ("recipe parameters as given: temperature = 1 (mlp), 0 (otherwise); "
             "base_droprate = 0.5; seed = 42") in lines[:6]
+    # the merge side's form: the recipe's parts, per-model values named by model
+    report["recipe_parameters"] = {
+        "parameters": {"base_droprate": [{"filter": "self_attn", "value": 0.3}, {"value": 0.5}]},
+        "models": [{"model": "./v1", "parameters": {"drop_rate": 0.2}}, {"model": "./v2"}],
+    }
+    assert report_module.main([str(write_report(tmp_path / "parts", report))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ("recipe parameters as given: base_droprate = 0.3 (self_attn), 0.5 (otherwise); "
+            "./v1: drop_rate = 0.2") in lines[:6]
+    report["recipe_parameters"] = None  # not known (a merge not run by mergekit's run_merge)
+    assert report_module.main([str(write_report(tmp_path / "null", report))]) == 0
+    assert "recipe parameters" not in capsys.readouterr().out
 
 
 def test_text_table_ends_with_a_legend_of_its_columns(tmp_path, capsys):

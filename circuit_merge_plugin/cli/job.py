@@ -384,13 +384,10 @@ def _reporting(request: MergeRequest, inputs: Inputs, out: Path) -> Iterator[Non
     from circuit_merge_plugin.io.report_file import REPORT_FILE
 
     aliases = {str(model.path): model.given for model in (inputs.base, *inputs.variants)}
-    with recording.reporting_to(str(out / REPORT_FILE), aliases) as path:
+    # The recorder marks the report finished when this block ends without an
+    # exception, while it is still in the temporary directory.
+    with recording.reporting_to(str(out / REPORT_FILE), aliases):
         yield
-        # The merge returned: mark the report finished (``"finished": true``) while it
-        # is still in the temporary directory, where the recorder writes it.
-        finish = getattr(recording, "finish", None)
-        if finish is not None:
-            finish(path)
 
 
 def run_job(request: MergeRequest, *, inputs: Optional[Inputs] = None) -> tuple:

@@ -149,8 +149,8 @@ def validate_report(report) -> None:
         raise ValueError("'variants' must be a non-empty list of labels")
     if not isinstance(report.get("parameters", {}), dict):
         raise ValueError("'parameters' must be a map")
-    if not isinstance(report.get("recipe_parameters", {}), dict):
-        raise ValueError("'recipe_parameters' must be a map")
+    if not isinstance(report.get("recipe_parameters") or {}, dict):
+        raise ValueError("'recipe_parameters' must be a map (or null)")
     if not isinstance(report.get("finished", False), bool):
         raise ValueError("'finished' must be true or false")
     if "tensors_merged" in report and not _is_int(report["tensors_merged"]):
@@ -369,9 +369,40 @@ def _recipe_value_text(value) -> str:
     return _value_text(value)
 
 
+#: Keys of a structured ``recipe_parameters`` (the recipe's parts that hold parameters).
+_RECIPE_PARTS = ("parameters", "models", "slices", "modules")
+
+
+def _flat_text(parameters: dict) -> str:
+    return "; ".join(f"{key} = {_recipe_value_text(value)}" for key, value in parameters.items())
+
+
 def _recipe_text(recipe: dict) -> str:
-    """The recipe's parameters as given (``recipe_parameters``), one line."""
-    return "; ".join(f"{key} = {_recipe_value_text(value)}" for key, value in recipe.items())
+    """The recipe's parameters as given (``recipe_parameters``), one line: either
+    ``{name: setting}`` or the recipe's parts ``{"parameters": {...}, "models":
+    [{"model", "parameters"}, ...], "slices": [...]}`` (per-model values after
+    the global ones, each model named as listed)."""
+    if not set(recipe) <= set(_RECIPE_PARTS):
+        return _flat_text(recipe)
+    parts = []
+    if isinstance(recipe.get("parameters"), dict) and recipe["parameters"]:
+        parts.append(_flat_text(recipe["parameters"]))
+    for entry in recipe.get("models") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("parameters"), dict):
+            parts.append(f"{_recipe_value_text(entry.get('model'))}: "
+                         f"{_flat_text(entry['parameters'])}")
+    for number, piece in enumerate(recipe.get("slices") or [], 1):
+        if not isinstance(piece, dict):
+            continue
+        if isinstance(piece.get("parameters"), dict) and piece["parameters"]:
+            parts.append(f"slice {number}: {_flat_text(piece['parameters'])}")
+        for source in piece.get("sources") or []:
+            if isinstance(source, dict) and isinstance(source.get("parameters"), dict):
+                parts.append(f"slice {number} {_recipe_value_text(source.get('model'))}: "
+                             f"{_flat_text(source['parameters'])}")
+    if recipe.get("modules"):
+        parts.append(f"modules = {_recipe_value_text(recipe['modules'])}")
+    return "; ".join(parts)
 
 
 def _finished_text(summary_doc: dict) -> Optional[str]:
