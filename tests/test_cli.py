@@ -9,7 +9,6 @@ import torch and run one by one.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -472,8 +471,6 @@ def test_version_and_demo_subcommand():
     from circuit_merge_plugin import __version__
 
     assert __version__ in ok(cli("--version")).stdout
-    if importlib.util.find_spec("circuit_merge_plugin.demo.run") is None:
-        pytest.skip("no demo module")
     assert "--workdir" in ok(cli("demo", "--help")).stdout
 
 
@@ -530,3 +527,150 @@ def test_print_recipe(bare, llama_family, tmp_path):
     raw = ok(cli("--print-recipe", "base", "v1", "out", cwd=bare))
     assert "mergekit-pytorch" in raw.stdout
     assert yaml.safe_load(raw.stdout)["base_model"] == "./base"
+
+
+def test_digest_expect_and_against(bare, tmp_path, capsys):
+    """CI regression checks: --expect HASH exits 1 on a mismatch, 0 on a match;
+    --against OTHER_DIR names every tensor that differs and exits 1."""
+    from circuit_merge_plugin.cli import main as cli_main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as stop:
+            cli_main.main(["digest", *(str(a) for a in args)])
+        return stop.value.code, capsys.readouterr()
+
+    tensors = load_tensors(bare / "v2")
+    same, other = tmp_path / "same", tmp_path / "other"
+    same.mkdir()
+    other.mkdir()
+    save_file(tensors, str(same / "model.safetensors"))
+    changed = dict(tensors, w0=tensors["w0"] + 1)
+    del changed["only_v2"]
+    changed["extra"] = torch.zeros(2)
+    save_file(changed, str(other / "model.safetensors"))
+    digest = digest_directory(same)
+    code, captured = run(same, "--expect", digest)
+    assert code == 0 and captured.out.strip() == digest
+    code, captured = run(same, "--expect", digest.upper())  # hex is case-insensitive
+    assert code == 0
+    code, captured = run(other, "--expect", digest)
+    assert code == 1 and f"expected {digest}" in captured.err
+    code, captured = run(same, "--expect", "abc")
+    assert code == 2 and "--expect abc: not a digest" in captured.err
+    code, captured = run(same, "--against", other)
+    assert code == 1
+    lines = captured.out.splitlines()
+    assert lines[1:] == ["differs: w0", f"only in {same}: only_v2", f"only in {other}: extra"]
+    assert "3 tensor(s) differ" in captured.err
+    code, captured = run(same, "--against", bare / "v2")
+    assert code == 0 and f"same tensors as {bare / 'v2'}" in captured.out
+
+
+def test_raw_mode_stand_in_keeps_the_original_drop_rates():
+    """A tensor missing from the base: the first variant that has it stands in,
+    the others keep the drop rates of their positions among the variants that
+    have it (the kernel's formula: 0.5, 0.75, 0.75 for three at the defaults)."""
+    from circuit_merge_plugin.cli.raw_tensors import tensor_plan
+    from circuit_merge_plugin.io.headers import TensorHeader
+    from circuit_merge_plugin.io.inputs import ModelDir
+
+    def model(role, names):
+        found = ModelDir(given=role, path=Path("/" + role), role=role)
+        found.tensors = {n: TensorHeader(Path("x"), n, "F32", (2,), 0, 8) for n in names}
+        return found
+
+    base = model("base", ["w"])
+    variants = [model("v1", ["w", "x"]), model("v2", ["w", "x"]), model("v3", ["x", "y"])]
+    params = CircuitParams(seed=0)
+    assert tensor_plan("w", base, variants, params) == (base, variants[:2], None)
+    stand_in, merging, rates = tensor_plan("x", base, variants, params)
+    assert stand_in is variants[0] and merging == variants[1:] and rates == [0.75, 0.75]
+    stand_in, merging, rates = tensor_plan("y", base, variants, params)
+    assert stand_in is variants[2] and merging == [] and rates == []
+
+
+@pytest.fixture(scope="module")
+def added_tokens(llama_family, tmp_path_factory) -> Path:
+    """variant 2 of the Llama family fine-tuned with two added tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from circuit_merge_plugin.demo.toymodels import SPECIAL_TOKENS, _save, build_tokenizer
+    from circuit_merge_plugin.demo.toymodels import word_level_tokenizer
+
+    base_tokens = build_tokenizer().get_vocab()
+    tokens = sorted(base_tokens, key=base_tokens.get) + ["zebra", "quokka"]
+    assert not {"zebra", "quokka"} & set(base_tokens)
+    assert set(SPECIAL_TOKENS) <= set(tokens)
+    tokenizer = word_level_tokenizer(tokens)
+    model = AutoModelForCausalLM.from_pretrained(str(llama_family.variants[1]))
+    model.resize_token_embeddings(len(tokenizer))
+    out = tmp_path_factory.mktemp("added") / "variant2-added"
+    _save(model, tokenizer, out, None)
+    return out
+
+
+def test_tokenizer_source_aligns_added_tokens_and_without_it_the_refusal_says_so(
+        llama_family, added_tokens, tmp_path):
+    base, v1 = llama_family.base, llama_family.variants[0]
+    vocab = json.loads((base / "config.json").read_text())["vocab_size"]
+    refused = cli(base, v1, added_tokens, tmp_path / "none")
+    assert refused.returncode == 2, refused.stderr
+    line = refused.stderr.strip()
+    assert line.startswith("circuit-merge: error: vocabulary sizes differ: variant 2 ")
+    assert f"{vocab + 2} tokens, base model {base} {vocab}" in line
+    assert "--tokenizer-source union" in line
+    assert not (tmp_path / "none").exists()
+    runs = Launched(tmp_path)
+    try:
+        for source in ("union", "base"):
+            runs.start(source, base, v1, added_tokens, tmp_path / source, "--tokenizer-source",
+                       source, "--seed", "1", "-q")
+        for source, size in (("union", vocab + 2), ("base", vocab)):
+            ok(runs.result(source))
+            merged = load_tensors(tmp_path / source)
+            assert merged["model.embed_tokens.weight"].shape[0] == size, source
+            assert merged["lm_head.weight"].shape[0] == size, source
+    finally:
+        runs.close()
+    bare = cli(base, v1, tmp_path / "x", "--tokenizer-source", "nowhere")
+    assert bare.returncode == 2 and "--tokenizer-source must be base, union or a model" in bare.stderr
+
+
+def test_group_runs_subcommands_and_adds_search_when_installed(monkeypatch, capsys):
+    """The first word names a subcommand, else the command line is a merge; a
+    ``search`` command is added when circuit_merge_plugin.search.command exists."""
+    import importlib.machinery
+    import types
+
+    import click
+
+    from circuit_merge_plugin.cli import main as cli_main
+
+    listed = cli_main.circuit_merge.list_commands(None)
+    assert {"check", "digest", "analyze", "report", "demo"} <= set(listed)
+    for name in listed:
+        assert isinstance(cli_main.circuit_merge.get_command(None, name), click.Command), name
+
+    @click.command(name="search")
+    @click.argument("what")
+    def search(what):
+        click.echo(f"searching {what}")
+
+    for name in ("circuit_merge_plugin.search", "circuit_merge_plugin.search.command"):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["circuit_merge_plugin.search.command"].search = search
+    assert "search" in cli_main.circuit_merge.list_commands(None)
+    with pytest.raises(SystemExit) as stop:
+        cli_main.main(["search", "orders"])
+    assert stop.value.code == 0 and capsys.readouterr().out == "searching orders\n"
+    with pytest.raises(SystemExit) as stop:
+        cli_main.main(["--help"])
+    assert stop.value.code == 0
+    assert "circuit-merge search" in capsys.readouterr().out
+    # not a subcommand's name: the merge command's own refusal
+    with pytest.raises(SystemExit) as stop:
+        cli_main.main(["only-one-path"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.startswith("circuit-merge: error: expected BASE VARIANT1")

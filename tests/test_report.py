@@ -266,11 +266,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     assert_refused(code, capsys.readouterr(), "circuit-merge report", expect)
 
 
-def test_cli_subcommand_when_registered(tmp_path, capsys):
+def test_cli_subcommand(tmp_path, capsys):
     from circuit_merge_plugin.cli import main as cli
 
-    if "report" not in cli.SUBCOMMANDS:
-        pytest.skip("circuit_merge_plugin.cli.main.SUBCOMMANDS has no 'report' entry yet")
     directory = write_report(tmp_path / "merged", mixed_report())
     with pytest.raises(SystemExit) as stop:
         cli.main(["report", str(directory)])
@@ -279,6 +277,74 @@ def test_cli_subcommand_when_registered(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         cli.main(["report", str(tmp_path / "nowhere")])
     assert stop.value.code == 2
+
+
+def test_unfinished_merge_is_refused_unless_partial(tmp_path, capsys):
+    report = mixed_report()
+    report.update(finished=False, tensors_merged=3)
+    directory = write_report(tmp_path / "merged", report)
+    code = report_module.main([str(directory)])
+    assert_refused(code, capsys.readouterr(), "circuit-merge report",
+                   ["the merge did not finish", "covers only 3 tensor(s)", "--partial"])
+    assert report_module.main([str(directory), "--partial"]) == 0
+    captured = capsys.readouterr()
+    assert "The merge did NOT finish: this report covers only the 3 tensor(s)" in captured.out
+    assert "the report is partial" in captured.err
+    assert report_module.main([str(directory), "--partial", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["finished"] is False and doc["tensors_merged"] == 3
+
+
+def test_finished_merge_says_so_and_older_reports_say_nothing(tmp_path, capsys):
+    report = mixed_report()
+    report.update(finished=True, tensors_merged=5)
+    assert report_module.main([str(write_report(tmp_path / "new", report))]) == 0
+    text = capsys.readouterr().out
+    assert "The merge finished (5 tensor(s) merged)" in text
+    older = mixed_report()  # no "finished" key: an older version's report
+    assert report_module.main([str(write_report(tmp_path / "old", older))]) == 0
+    text = capsys.readouterr().out
+    assert "The merge finished" not in text and "did NOT finish" not in text
+    report["finished"] = "yes"
+    code = report_module.main([str(write_report(tmp_path / "bad", report))])
+    assert_refused(code, capsys.readouterr(), "circuit-merge report",
+                   ["'finished' must be true or false"])
+
+
+def test_header_shows_the_recipe_parameters_as_given(tmp_path, capsys):
+    report = mixed_report()
+    report["recipe_parameters"] = {
+        "temperature": [{"filter": "mlp", "value": 1.0}, {"value": 0.0}],
+        "base_droprate": 0.5,
+        "seed": 42,
+    }
+    assert report_module.main([str(write_report(tmp_path / "merged", report))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ("recipe parameters as given: temperature = 1 (mlp), 0 (otherwise); "
+            "base_droprate = 0.5; seed = 42") in lines[:6]
+    # the merge side's form: the recipe's parts, per-model values named by model
+    report["recipe_parameters"] = {
+        "parameters": {"base_droprate": [{"filter": "self_attn", "value": 0.3}, {"value": 0.5}]},
+        "models": [{"model": "./v1", "parameters": {"drop_rate": 0.2}}, {"model": "./v2"}],
+    }
+    assert report_module.main([str(write_report(tmp_path / "parts", report))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ("recipe parameters as given: base_droprate = 0.3 (self_attn), 0.5 (otherwise); "
+            "./v1: drop_rate = 0.2") in lines[:6]
+    report["recipe_parameters"] = None  # not known (a merge not run by mergekit's run_merge)
+    assert report_module.main([str(write_report(tmp_path / "null", report))]) == 0
+    assert "recipe parameters" not in capsys.readouterr().out
+
+
+def test_text_table_ends_with_a_legend_of_its_columns(tmp_path, capsys):
+    directory = write_report(tmp_path / "merged", mixed_report())
+    assert report_module.main([str(directory)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["variant", "changed"])
+    legend = next(line for line in lines[header + 1:] if not line.startswith(("V", "-")))
+    for column in lines[header].split():
+        if column != "variant":
+            assert f"{column}:" in legend, column
 
 
 # ---------------------------------------------------------------- charts and HTML

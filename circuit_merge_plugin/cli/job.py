@@ -4,7 +4,7 @@ Order of work, so that bad input costs nothing and leaves nothing behind:
 
 1. parameters were validated when the request was built (:mod:`.request`);
 2. directories, file kinds, config.json and safetensors headers are checked
-   (:mod:`.inputs`), still without torch or mergekit;
+   (:mod:`circuit_merge_plugin.io.inputs`), still without torch or mergekit;
 3. mergekit is imported and the mode chosen: directories whose config.json names
    an architecture mergekit knows go through its normal planner
    (``mergekit.merge.run_merge`` on a ``MergeConfiguration`` built in memory:
@@ -13,7 +13,7 @@ Order of work, so that bad input costs nothing and leaves nothing behind:
 4. everything is written into a hidden temporary directory beside OUTPUT,
    completed with an index, a ``circuit_merge.json`` manifest and its digest,
    and (unless ``--no-report``) ``circuit_merge_report.json``, written by the
-   merge method itself as it merges (:mod:`.report_writer`), with variants
+   merge method itself as it merges (:mod:`circuit_merge_plugin.adapters.recording`), with variants
    labelled as given on the command line; only then is it renamed to OUTPUT.
 """
 
@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, List, Optional
 
@@ -63,9 +63,48 @@ def check_inputs(request: MergeRequest) -> Inputs:
                 f"{seen[variant.path].role} {seen[variant.path].given}"
             )
         seen[variant.path] = variant
-    check_compatible(base, variants)
+    _check_vocabularies(base, variants, request.tokenizer_source)
     output = check_output(request.output, [base, *variants], overwrite=request.overwrite)
     return Inputs(base, variants, output)
+
+
+def _vocab_size(model: ModelDir) -> Optional[int]:
+    size = (model.config or {}).get("vocab_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _check_vocabularies(base: ModelDir, variants: List[ModelDir],
+                        tokenizer_source: Optional[str]) -> None:
+    """Shapes agree tensor by tensor; a vocabulary difference (config.json
+    vocab_size) is refused with its fix unless --tokenizer-source aligns it, and
+    then only the vocabulary axis of the embeddings may differ."""
+    sizes = {id(m): _vocab_size(m) for m in (base, *variants)}
+    differing = [v for v in variants
+                 if None not in (sizes[id(v)], sizes[id(base)]) and sizes[id(v)] != sizes[id(base)]]
+    if not differing:
+        check_compatible(base, variants)
+        return
+    if tokenizer_source is None:
+        other = differing[0]
+        raise ValueError(
+            f"vocabulary sizes differ: {other.role} {other.given} has {sizes[id(other)]} "
+            f"tokens, base model {base.given} {sizes[id(base)]}; pass --tokenizer-source union "
+            "(all tokens), base (the base's) or MODEL to align them"
+        )
+    vocabularies = {size for size in sizes.values() if size is not None}
+
+    def without_vocabulary_axis(model: ModelDir) -> ModelDir:
+        kept = {}
+        for name, info in model.tensors.items():
+            reference = base.tensors.get(name)
+            if (reference is not None and info.shape != reference.shape and info.shape
+                    and info.shape[1:] == reference.shape[1:]
+                    and {info.shape[0], reference.shape[0]} <= vocabularies):
+                continue  # aligned by mergekit's tokenizer_source
+            kept[name] = info
+        return replace(model, tensors=kept)
+
+    check_compatible(base, [without_vocabulary_axis(v) for v in variants])
 
 
 # ---------------------------------------------------------------- the recipe
@@ -108,6 +147,12 @@ def recipe(
         data["dtype"] = request.dtype
     if request.out_dtype:
         data["out_dtype"] = request.out_dtype
+    if request.tokenizer_source in ("base", "union"):
+        data["tokenizer_source"] = request.tokenizer_source
+    elif request.tokenizer_source is not None:
+        data["tokenizer_source"] = (str(Path(request.tokenizer_source).expanduser().resolve())
+                                    if absolute is not None
+                                    else _recipe_path(request.tokenizer_source))
     return data
 
 
@@ -335,11 +380,13 @@ def _reporting(request: MergeRequest, inputs: Inputs, out: Path) -> Iterator[Non
     if not request.report:
         yield
         return
-    from circuit_merge_plugin.adapters.recording import reporting_to
+    from circuit_merge_plugin.adapters import recording
     from circuit_merge_plugin.io.report_file import REPORT_FILE
 
     aliases = {str(model.path): model.given for model in (inputs.base, *inputs.variants)}
-    with reporting_to(str(out / REPORT_FILE), aliases):
+    # The recorder marks the report finished when this block ends without an
+    # exception, while it is still in the temporary directory.
+    with recording.reporting_to(str(out / REPORT_FILE), aliases):
         yield
 
 
@@ -349,6 +396,12 @@ def run_job(request: MergeRequest, *, inputs: Optional[Inputs] = None) -> tuple:
     # `circuit` is registered with mergekit as soon as mergekit's method registry
     # is imported: importing this package installed the hook (see registration.py).
     mode = choose_mode(inputs)
+    if mode == "raw" and request.tokenizer_source is not None:
+        from circuit_merge_plugin.errors import Refused
+
+        raise Refused("--tokenizer-source needs model directories of an architecture mergekit "
+                      "knows (config.json and model.safetensors); these are merged as bare "
+                      "tensors")
     with atomic_directory(inputs.output, overwrite=request.overwrite) as temp:
         with _reporting(request, inputs, temp):
             if mode == "transformers":

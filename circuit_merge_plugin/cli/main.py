@@ -3,17 +3,22 @@
     circuit-merge [--config FILE] [--temperature T] [--base_droprate R]
                   [--meaningful_change_threshold X] [--seed S] [--skip_rescaling]
                   [--test] BASE VARIANT1 [VARIANT2 ...] OUTPUT
-    circuit-merge digest DIR
-    circuit-merge demo|analyze|report [...]   (when those modules are installed)
+    circuit-merge check RECIPE.yaml [--scan-values]
+    circuit-merge digest DIR [--tensors] [--expect HASH] [--against OTHER_DIR]
+    circuit-merge analyze|report|demo [...]
 
-This module is only the front end (parsing, messages, exit codes); the work is
-in :mod:`.request` (flags + config), :mod:`.merge_job` (the mergekit run and the
-atomic output), :mod:`.digest` and :mod:`.selftest`.
+:data:`circuit_merge` is a click group: a first word that names a subcommand
+runs it; any other command line is a merge (:func:`merge_command`), so the
+original script's command line works unchanged. Subcommands are imported only
+when they run. This module is only the front end (parsing, messages, exit
+codes); the work is in :mod:`.request` (flags + config), :mod:`.job` (the
+mergekit run and the atomic output), :mod:`.check`, :mod:`.selftest` and
+:mod:`circuit_merge_plugin.io.digest`.
 
-Exit codes: 0 done; 2 refused (bad command line, parameter, config or input;
-nothing was read beyond headers and nothing written); 1 the merge failed while
-running (nothing written); 130 / 143 interrupted by SIGINT / SIGTERM (nothing
-written).
+Exit codes (:mod:`circuit_merge_plugin.errors`): 0 done; 2 refused (bad command
+line, parameter, config or input; nothing was read beyond headers and nothing
+written); 1 the merge failed while running (nothing written); 130 / 143
+interrupted by SIGINT / SIGTERM (nothing written).
 """
 
 from __future__ import annotations
@@ -23,43 +28,53 @@ import importlib.util
 import re
 import signal
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Tuple
 
 import click
 
 from circuit_merge_plugin import __version__
+from circuit_merge_plugin.core.params import (
+    GLOBAL_PARAMETERS,
+    ORIGINAL_SCRIPT_SEED,
+    SEED_RULES,
+)
+from circuit_merge_plugin.errors import (
+    EXIT_FAILED,
+    EXIT_REFUSED,
+    PROG,
+    Refused,
+    fail,
+    run_guarded,
+)
 
-PROG = "circuit-merge"
-EXIT_FAILED = 1
-EXIT_REFUSED = 2
-
-#: Subcommands: name -> (module, attribute, one-line help). Skipped when the
-#: module is not installed.
-SUBCOMMANDS: Dict[str, tuple] = {
-    "digest": ("circuit_merge_plugin.cli.main", "digest_main", "print the digest of a model directory"),
-    "demo": ("circuit_merge_plugin.demo.run", "main", "build small models locally and run a demo merge"),
-    "analyze": ("circuit_merge_plugin.insight.analyze", "main", "where variants change the base and fight"),
-    "report": ("circuit_merge_plugin.insight.report", "main", "what each variant contributed to a merge"),
+#: Subcommands: name -> (module, attribute names tried in order, one-line help).
+#: Imported only when run; listed in --help only when the module is installed.
+SUBCOMMANDS: Dict[str, Tuple[str, Tuple[str, ...], str]] = {
+    "check": ("circuit_merge_plugin.cli.check", ("check_command",),
+              "check a mergekit recipe before a long merge"),
+    "digest": ("circuit_merge_plugin.cli.main", ("digest_command",),
+               "print, check or compare the digest of a model directory"),
+    "analyze": ("circuit_merge_plugin.insight.analyze", ("analyze_command",),
+                "where variants change the base and fight"),
+    "report": ("circuit_merge_plugin.insight.report", ("report_command",),
+               "what each variant contributed to a merge"),
+    "demo": ("circuit_merge_plugin.demo.run", ("demo_command",),
+             "build small models locally and run a demo merge"),
 }
+SUBCOMMANDS["search"] = ("circuit_merge_plugin.search.command", ("search", "search_command", "command"), "choose an order and parameters by evaluation")  # noqa: E501
 
 _DEVICE = re.compile(r"^(cpu|cuda|xpu|mps|auto)(:\d+)?$")
 
 
-class Refused(Exception):
-    """Bad input detected before merging."""
-
-
-def _error(message: str, code: int) -> "None":
-    first = str(message).strip().splitlines()[0] if str(message).strip() else "error"
-    click.echo(f"{PROG}: error: {first}", err=True)
-    sys.exit(code)
-
-
 def _available_subcommands() -> Dict[str, tuple]:
     found = {}
-    for name, (module, attribute, text) in SUBCOMMANDS.items():
-        if module == __name__ or importlib.util.find_spec(module) is not None:
-            found[name] = (module, attribute, text)
+    for name, (module, attributes, text) in SUBCOMMANDS.items():
+        try:
+            present = module == __name__ or importlib.util.find_spec(module) is not None
+        except ImportError:  # its parent package is missing
+            present = False
+        if present:
+            found[name] = (module, attributes, text)
     return found
 
 
@@ -76,8 +91,41 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
-def _float_option(*decls: str, metavar: str, help: str):
-    return click.option(*decls, type=float, default=None, metavar=metavar, help=help)
+#: The parameter table's numeric parameters as flags: name -> metavar. Each is
+#: --NAME, and also --NAME-WITH-DASHES where the name has underscores.
+_FLAG_METAVARS = {
+    "temperature": "T",
+    "base_droprate": "R",
+    "meaningful_change_threshold": "X",
+    "epsilon": "E",
+    "lambda": "L",
+}
+
+
+def _parameter_help(info, default=None) -> str:
+    """A flag's help from the parameter table: range, meaning, default."""
+    shown = info.default if default is None else default
+    return f"{info.range_text} {info.meaning}  [default: {shown!r}]"
+
+
+def _parameter_options(function):
+    """The parameter flags, every text and default read from the parameter table."""
+    table = {info.name: info for info in GLOBAL_PARAMETERS}
+    options = []
+    for name, metavar in _FLAG_METAVARS.items():
+        decls = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        options.append(click.option(*decls, name, type=float, default=None, metavar=metavar,
+                                    help=_parameter_help(table[name])))
+    options.append(click.option(
+        "--seed", type=int, default=None, metavar="S",
+        help=f"{table['seed'].meaning} {SEED_RULES['circuit-merge']}  "
+        f"[default: {ORIGINAL_SCRIPT_SEED}]"))
+    options.append(click.option(
+        "--skip_rescaling", "--skip-rescaling", "skip_rescaling", is_flag=True, default=None,
+        help=f"Turn rescale off (default: on). rescale: {table['rescale'].meaning}"))
+    for option in reversed(options):
+        function = option(function)
+    return function
 
 
 @click.command(
@@ -89,22 +137,7 @@ def _float_option(*decls: str, metavar: str, help: str):
 @click.option("--config", "config_path", metavar="FILE",
               help="YAML config (base_model, variant_models, output_dir, parameters); "
               "command-line values override it.")
-@_float_option("--temperature", "temperature", metavar="T",
-               help="[0, 1] 0 = priority-weighted drop rates and pairwise averaging, "
-               "1 = equal drop rates and true averaging.  [default: 0.0]")
-@_float_option("--base_droprate", "--base-droprate", "base_droprate", metavar="R",
-               help="[0, 1) drop rate of the highest-priority variant.  [default: 0.5]")
-@_float_option("--meaningful_change_threshold", "--meaningful-change-threshold",
-               "meaningful_change_threshold", metavar="X",
-               help="|delta| below this counts as unchanged.  [default: 2e-06]")
-@_float_option("--epsilon", "epsilon", metavar="E",
-               help="[0, 1) MAGPRUNE spread of drop probabilities.  [default: 0.1]")
-@_float_option("--lambda", "lambda", metavar="L",
-               help="(0, 10] scale of the merged delta: base + L * delta.  [default: 1.0]")
-@click.option("--seed", type=int, default=None, metavar="S",
-              help="Seed of the random drops.  [default: 0]")
-@click.option("--skip_rescaling", "--skip-rescaling", "skip_rescaling", is_flag=True,
-              default=None, help="Do not divide kept deltas by (1 - drop probability).")
+@_parameter_options
 @click.option("--test", "selftest", is_flag=True,
               help="Merge a small synthetic base and two perturbed variants and print "
               "them side by side.")
@@ -117,6 +150,11 @@ def _float_option(*decls: str, metavar: str, help: str):
               help="Output dtype of floating tensors.  [default: the merge's]")
 @click.option("--out-shard-size", "--out_shard_size", "out_shard_size", default=None,
               metavar="SIZE", help="Bytes per output shard, K/M/B suffixes.  [default: 5B]")
+@click.option("--tokenizer-source", "--tokenizer_source", "tokenizer_source", default=None,
+              metavar="base|union|MODEL",
+              help="Align vocabularies that differ (fine-tunes that added tokens), as "
+              "mergekit-yaml's tokenizer_source: the base's tokens, the union of all, or "
+              "a model directory's.  [default: none: a vocabulary difference is refused]")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty OUTPUT.")
 @click.option("--allow-pickle", "--allow_pickle", "allow_pickle", is_flag=True,
@@ -128,8 +166,8 @@ def _float_option(*decls: str, metavar: str, help: str):
               help="Print the equivalent mergekit recipe and exit.")
 @click.version_option(__version__, "--version", prog_name=PROG)
 def merge_command(paths, config_path, selftest, cuda, device, dtype, out_dtype,
-                  out_shard_size, quiet, overwrite, allow_pickle, no_report, print_recipe,
-                  **parameter_flags):
+                  out_shard_size, tokenizer_source, quiet, overwrite, allow_pickle, no_report,
+                  print_recipe, **parameter_flags):
     """Merge VARIANT1..N into BASE with Circuit-Merge!, through mergekit.
 
     Variants are in priority order: the first listed wins sign conflicts and
@@ -145,15 +183,15 @@ def merge_command(paths, config_path, selftest, cuda, device, dtype, out_dtype,
             list(paths), config_path, parameter_flags, selftest=selftest, cuda=cuda,
             device=device, dtype=dtype, out_dtype=out_dtype,
             out_shard_size=out_shard_size, quiet=quiet, overwrite=overwrite,
-            allow_pickle=allow_pickle, report=not no_report,
+            allow_pickle=allow_pickle, report=not no_report, tokenizer_source=tokenizer_source,
         )
     except ValueError as error:
-        _error(str(error), EXIT_REFUSED)
+        fail(error, EXIT_REFUSED)
     if print_recipe:
         from circuit_merge_plugin.cli.job import guess_mode, recipe_yaml
 
         if selftest:
-            _error("--print-recipe needs model paths, not --test", EXIT_REFUSED)
+            fail("--print-recipe needs model paths, not --test", EXIT_REFUSED)
 
         click.echo(recipe_yaml(request, guess_mode(request)), nl=False)
         return
@@ -168,13 +206,14 @@ def merge_command(paths, config_path, selftest, cuda, device, dtype, out_dtype,
 
 def _build_request(paths, config_path, parameter_flags, *, selftest, cuda, device,
                    dtype, out_dtype, out_shard_size, quiet, overwrite, allow_pickle,
-                   report=True):
+                   report=True, tokenizer_source=None):
     from circuit_merge_plugin.cli.request import (
         DEFAULT_SHARD_SIZE,
         MergeRequest,
         load_config,
         parse_dtype,
         parse_size,
+        parse_tokenizer_source,
         paths_from,
         resolve_parameters,
     )
@@ -209,6 +248,7 @@ def _build_request(paths, config_path, parameter_flags, *, selftest, cuda, devic
         allow_pickle=allow_pickle,
         report=report,
         sources=sources,
+        tokenizer_source=parse_tokenizer_source(tokenizer_source),
     )
 
 
@@ -252,24 +292,12 @@ def _merge(request) -> int:
 def _guarded(work) -> int:
     """Run ``work`` turning every failure into a one-line message and exit code."""
     try:
-        return work()
-    except Refused as error:
-        _error(str(error), EXIT_REFUSED)
-    except KeyboardInterrupt:
-        _error("interrupted; nothing was written", 130)
-    except BrokenPipeError:  # e.g. `circuit-merge --test | head`
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return run_guarded(work, PROG, failed="merge failed", refusals=(Refused,),
+                           interrupted="interrupted; nothing was written")
     except SystemExit as stop:
         if stop.code in (128 + signal.SIGTERM, 128 + signal.SIGHUP):
-            _error("terminated; nothing was written", stop.code)
+            fail("terminated; nothing was written", stop.code)
         raise
-    except Exception as error:  # noqa: BLE001 - the command line reports, not traces
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        _error(f"merge failed: {type(error).__name__}: {message}", EXIT_FAILED)
-    return EXIT_FAILED  # pragma: no cover
 
 
 class _signals_raise:
@@ -312,43 +340,111 @@ def _configure_logging(quiet: bool) -> None:
 @click.argument("directory", metavar="DIR")
 @click.option("--tensors", "per_tensor", is_flag=True,
               help="Also print each tensor's own digest (to find what changed).")
-def digest_command(directory: str, per_tensor: bool) -> None:
+@click.option("--expect", metavar="HASH", default=None,
+              help="Exit 1 unless DIR's digest is HASH (a CI regression check).")
+@click.option("--against", metavar="OTHER_DIR", default=None,
+              help="Compare with OTHER_DIR tensor by tensor: name every tensor that "
+              "differs or is in one directory only; exit 1 if any does.")
+def digest_command(directory: str, per_tensor: bool, expect: Optional[str],
+                   against: Optional[str]) -> None:
     """Print the order-independent SHA-256 of DIR's safetensors tensors.
 
     It covers tensor names, dtypes, shapes and bytes only, not file names,
     sharding or metadata: the same merge gives the same digest on any machine.
+    Exit codes: 0 done (and the same digest / tensors), 1 a different digest
+    (--expect) or different tensors (--against), 2 refused (no such directory,
+    no tensors, a malformed HASH).
     """
-    from circuit_merge_plugin.io.digest import combine, tensor_digests
+    sys.exit(run_guarded(lambda: _digest(directory, per_tensor, expect, against), PROG))
 
-    try:
-        digests = tensor_digests(directory)
-    except ValueError as error:
-        _error(str(error), EXIT_REFUSED)
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _digest(directory: str, per_tensor: bool, expect: Optional[str],
+            against: Optional[str]) -> int:
+    from circuit_merge_plugin.io.digest import combine, compare_digests, tensor_digests
+
+    wanted = None
+    if expect is not None:
+        wanted = expect.strip().lower()
+        if not _HEX64.match(wanted):
+            raise Refused(f"--expect {expect}: not a digest (64 hexadecimal digits)")
+    digests = tensor_digests(directory)
     if per_tensor:
         for name in sorted(digests, key=lambda n: n.encode("utf-8")):
             click.echo(f"{digests[name]}  {name}")
-    click.echo(combine(digests))
+    digest = combine(digests)
+    click.echo(digest)
+    code = 0
+    if wanted is not None and digest != wanted:
+        click.echo(f"{PROG} digest: {directory}: digest {digest}, expected {wanted}", err=True)
+        code = EXIT_FAILED
+    if against is not None:
+        changed, only_here, only_there = compare_digests(digests, tensor_digests(against))
+        for name in changed:
+            click.echo(f"differs: {name}")
+        for name in only_here:
+            click.echo(f"only in {directory}: {name}")
+        for name in only_there:
+            click.echo(f"only in {against}: {name}")
+        count = len(changed) + len(only_here) + len(only_there)
+        if count:
+            click.echo(f"{PROG} digest: {count} tensor(s) differ between {directory} and "
+                       f"{against}", err=True)
+            code = EXIT_FAILED
+        else:
+            click.echo(f"same tensors as {against}")
+    return code
 
 
-def digest_main(argv: Sequence[str]) -> int:
-    digest_command.main(args=list(argv), prog_name=f"{PROG} digest", standalone_mode=True)
-    return 0
+# ---------------------------------------------------------------- the group
 
 
-# ---------------------------------------------------------------- dispatch
+class CircuitMergeGroup(click.Group):
+    """The subcommands of :data:`SUBCOMMANDS`, imported when run; a command line
+    whose first word names none of them is a merge (:func:`merge_command`), so
+    ``circuit-merge BASE V1 OUT``, ``--config``, ``--test`` and ``--version``
+    work as the original script's command line."""
+
+    def __init__(self, *args, default: click.Command, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.default = default
+
+    def list_commands(self, ctx) -> List[str]:
+        return list(_available_subcommands())
+
+    def get_command(self, ctx, name: str) -> Optional[click.Command]:
+        entry = _available_subcommands().get(name)
+        if entry is None:
+            return None
+        module, attributes, _text = entry
+        loaded = importlib.import_module(module)
+        for attribute in attributes:
+            command = getattr(loaded, attribute, None)
+            if isinstance(command, click.Command):
+                return command
+        return None
+
+    def main(self, args=None, prog_name=None, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        if not args or args[0] not in self.list_commands(None):
+            self.default.epilog = _epilog()  # the subcommands installed now
+            return self.default.main(args=args, prog_name=prog_name or PROG, **extra)
+        return super().main(args=args, prog_name=prog_name or PROG, **extra)
+
+
+circuit_merge = CircuitMergeGroup(
+    name=PROG,
+    default=merge_command,
+    help=merge_command.help,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Console-script entry point: subcommand by first word, else a merge."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        found = _available_subcommands()
-        if argv[0] in found:
-            module, attribute, _text = found[argv[0]]
-            function = getattr(importlib.import_module(module), attribute)
-            result = function(argv[1:])
-            sys.exit(result if isinstance(result, int) else 0)
-    return merge_command.main(args=argv, prog_name=PROG, standalone_mode=True)
+    """Console-script entry point: a subcommand by its first word, else a merge."""
+    return circuit_merge.main(args=argv, prog_name=PROG, standalone_mode=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from circuit_merge_plugin.io.inputs import ModelDir
-from circuit_merge_plugin.core.kernel import calculate_p
+from circuit_merge_plugin.core.kernel import drop_rates
 from circuit_merge_plugin.core.params import CircuitParams
 from circuit_merge_plugin.io.headers import FLOAT_DTYPES, TensorHeader
 
@@ -75,16 +75,6 @@ def load_pickle_headers(model: ModelDir) -> None:
         raise ValueError(f"{model.role} {model.given}: its checkpoints hold no tensors")
 
 
-def original_drop_rates(count: int, params: CircuitParams) -> List[float]:
-    """The original script's drop rate of each of ``count`` variants, in listing order."""
-    if count == 1:
-        return [params.base_droprate]
-    return [
-        calculate_p(count - position, count, params.temperature, params.base_droprate)
-        for position in range(count)
-    ]
-
-
 def tensor_plan(
     name: str, base: ModelDir, variants: Sequence[ModelDir], params: CircuitParams
 ) -> Tuple[ModelDir, List[ModelDir], Optional[List[float]]]:
@@ -92,8 +82,10 @@ def tensor_plan(
     have = [v for v in variants if name in v.tensors]
     if name in base.tensors:
         return base, have, None
+    # The original script's rule: the drop rates of all the variants that have the
+    # tensor, the stand-in included (it counts as a variant with no delta).
     stand_in, others = have[0], have[1:]
-    rates = original_drop_rates(len(have), params)[1:]
+    rates = drop_rates(len(have), params.temperature, params.base_droprate)[1:]
     return stand_in, others, rates
 
 

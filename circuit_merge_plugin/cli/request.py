@@ -22,10 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from circuit_merge_plugin.core.params import GLOBAL_PARAMETERS, CircuitParams, check_parameter
+from circuit_merge_plugin.core.params import (
+    GLOBAL_PARAMETERS,
+    ORIGINAL_SCRIPT_SEED,
+    CircuitParams,
+    check_parameter,
+)
 
-#: The original script's ``--seed`` default (its argparse default is 0).
-DEFAULT_SEED = 0
 #: mergekit's default output shard size, in bytes.
 DEFAULT_SHARD_SIZE = "5B"
 DTYPES = {
@@ -57,6 +60,7 @@ class MergeRequest:
     overwrite: bool = False
     allow_pickle: bool = False
     report: bool = True  # write circuit_merge_report.json into the output
+    tokenizer_source: Optional[str] = None  # "base", "union" or a model directory
     sources: Dict[str, str] = field(default_factory=dict)  # parameter -> where from
 
 
@@ -83,6 +87,19 @@ def parse_dtype(text: Optional[str], name: str) -> Optional[str]:
     return dtype
 
 
+def parse_tokenizer_source(text: Optional[str]) -> Optional[str]:
+    """``base``, ``union`` or a model directory (as mergekit-yaml's tokenizer_source)."""
+    if text is None or text in ("base", "union"):
+        return text
+    import os
+
+    if not os.path.isdir(os.path.expanduser(text)):
+        raise ValueError(
+            f"--tokenizer-source must be base, union or a model directory, got {text!r}"
+        )
+    return text
+
+
 def load_config(path: str) -> Dict[str, Any]:
     """Read the original script's YAML config; ValueError naming the file and key if malformed."""
     import yaml
@@ -100,8 +117,9 @@ def load_config(path: str) -> Dict[str, Any]:
         raise ValueError(f"config {path}: expected a mapping of keys at the top level")
     if "merge_method" in data or "models" in data:
         raise ValueError(
-            f"config {path}: this is a mergekit recipe; run it with mergekit-yaml "
-            "(circuit-merge --config reads base_model / variant_models / output_dir)"
+            f"config {path}: this is a mergekit recipe; check it with circuit-merge check "
+            "and run it with mergekit-yaml (circuit-merge --config reads base_model / "
+            "variant_models / output_dir)"
         )
     unknown = sorted(set(data) - set(CONFIG_KEYS))
     if unknown:
@@ -152,10 +170,11 @@ def resolve_parameters(
 
     ``flag_values`` holds only the flags actually given on the command line.
     Returns (params, sources) where sources maps each parameter to where its
-    value came from ("default", "config" or "command line").
+    value came from ("default", "config" or "command line"). The seed follows
+    ``SEED_RULES["circuit-merge"]`` (default ``ORIGINAL_SCRIPT_SEED``).
     """
     values: Dict[str, Any] = {p.name: p.default for p in GLOBAL_PARAMETERS}
-    values["seed"] = DEFAULT_SEED
+    values["seed"] = ORIGINAL_SCRIPT_SEED
     sources = {name: "default" for name in values}
     for origin, given in (("config", config_parameters), ("command line", flag_values)):
         for key, value in given.items():
@@ -170,7 +189,7 @@ def resolve_parameters(
                 raise ValueError(f"{where}{error}") from None
             sources[key] = origin
     if values["seed"] is None:
-        values["seed"] = DEFAULT_SEED
+        values["seed"] = ORIGINAL_SCRIPT_SEED
     return CircuitParams.from_parameters(values), sources
 
 

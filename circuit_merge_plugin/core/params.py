@@ -130,8 +130,8 @@ GLOBAL_PARAMETERS = (
         int,
         None,
         "any integer",
-        "Seed of the counter-based generator. Defaults to mergekit's "
-        "--random-seed (torch.initial_seed()) when not given.",
+        "Seed of the random drops (a counter-based generator): the same inputs "
+        "and seed give the same bytes.",
     ),
 )
 
@@ -162,7 +162,44 @@ OUTPUT_PARAMETERS = (
     ),
 )
 
+#: The random seed when a merge does not give one: each front end's rule, stated
+#: once here and applied by the functions below.
+#:
+#: * mergekit front ends (``mergekit-yaml``, ``mergekit-multi``, Python
+#:   ``run_merge``; both adapters): the recipe's ``seed`` (global or per-layer),
+#:   else ``torch.initial_seed()``, which is mergekit's ``--random-seed`` when
+#:   given and otherwise a seed torch drew at random for the process
+#:   (:func:`mergekit_seed`).
+#: * ``circuit-merge`` (the original script's command line): ``--seed``, else
+#:   the config file's ``seed``, else 0, the original script's default
+#:   (:data:`ORIGINAL_SCRIPT_SEED`); so a circuit-merge run is reproducible
+#:   without giving a seed.
+SEED_RULES = {
+    "mergekit": "When not given: the recipe's seed, else mergekit's --random-seed "
+    "(torch.initial_seed(); drawn at random when that is not given either).",
+    "circuit-merge": "When not given: the config's seed, else 0 (the original "
+    "script's default).",
+}
+
+#: circuit-merge's seed when neither --seed nor the config gives one (the
+#: original script's argparse default).
+ORIGINAL_SCRIPT_SEED = 0
+
+
+def mergekit_seed() -> int:
+    """The seed of a mergekit merge whose recipe gives none (SEED_RULES["mergekit"]):
+    ``torch.initial_seed()``, which mergekit's ``--random-seed`` sets."""
+    import torch
+
+    return torch.initial_seed()
+
+
 _BY_NAME = {p.name: p for p in GLOBAL_PARAMETERS + VARIANT_PARAMETERS + OUTPUT_PARAMETERS}
+
+
+def parameter_info(name: str) -> ParameterInfo:
+    """The table entry of a parameter (KeyError if there is none)."""
+    return _BY_NAME[name]
 
 
 def check_parameter(name: str, value: Any) -> Any:
@@ -217,13 +254,11 @@ _PARAMETER_OF = {field: name for name, field in _FIELD_OF.items()}
 def params_from_values(values: dict) -> CircuitParams:
     """Build CircuitParams from resolved recipe values (missing ones default).
 
-    A missing or null ``seed`` falls back to torch's initial seed, which is what
-    mergekit's ``--random-seed`` sets; front ends call this per tensor.
+    A missing or null ``seed`` follows ``SEED_RULES["mergekit"]``
+    (:func:`mergekit_seed`); the mergekit front ends call this per tensor.
     """
     known = {p.name for p in GLOBAL_PARAMETERS}
     chosen = {k: v for k, v in values.items() if k in known and v is not None}
     if chosen.get("seed") is None:
-        import torch
-
-        chosen["seed"] = torch.initial_seed()
+        chosen["seed"] = mergekit_seed()
     return CircuitParams.from_parameters(chosen)

@@ -21,6 +21,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import click
 
+from circuit_merge_plugin.errors import EXIT_INTERRUPTED, print_error
+
 # ---------------------------------------------------------------- layer groups
 
 #: ``<prefix>.layers.N.`` and the other common block containers (``h.N`` in
@@ -312,14 +314,6 @@ def variant_tags(count: int) -> List[str]:
 # ---------------------------------------------------------------- command line
 
 
-def _error(message: str, code: int, prog: str) -> int:
-    """Print ``prog: error: <first line of message>`` to stderr; return ``code``."""
-    text = str(message).strip()
-    first = text.splitlines()[0] if text else "error"
-    click.echo(f"{prog}: error: {first}", err=True)
-    return code
-
-
 def check_output_file(path: Optional[str], option: str) -> None:
     """ValueError unless FILE can be written (checked before any long work)."""
     if path is None or path == "-":
@@ -384,7 +378,9 @@ def write_outputs(
 
 
 def run_click(command, argv: Sequence[str], prog: str) -> int:
-    """Run a click command in-process; every failure becomes one line and an exit code."""
+    """Run a subcommand in-process (``main(argv)``): its exit code, usage errors
+    included (the command itself turns failures into one line, see
+    :func:`circuit_merge_plugin.errors.run_guarded`)."""
     try:
         result = command.main(args=list(argv), prog_name=prog, standalone_mode=False)
     except click.exceptions.Exit as stop:
@@ -392,12 +388,7 @@ def run_click(command, argv: Sequence[str], prog: str) -> int:
     except click.ClickException as error:
         error.show()
         return error.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        return _error("interrupted", 130, prog)
-    except BrokenPipeError:
-        return 0
-    except ValueError as error:  # Refused and parameter checks
-        return _error(str(error), 2, prog)
-    except Exception as error:  # noqa: BLE001 - one line, not a trace
-        return _error(f"failed: {type(error).__name__}: {error}", 1, prog)
+    except click.exceptions.Abort:
+        print_error("interrupted", prog)
+        return EXIT_INTERRUPTED
     return result if isinstance(result, int) else 0

@@ -1,6 +1,7 @@
 """``circuit-merge report``: what each variant contributed to a finished merge.
 
     circuit-merge report DIR [--json] [--html FILE] [--png-dir DIR] [--analysis FILE]
+                             [--partial]
 
 Renders ``DIR/circuit_merge_report.json`` (written by merges; DIR may also be
 the JSON file itself): a text table on the terminal, a JSON summary for
@@ -15,7 +16,14 @@ The report file (version 1)::
      "tensors": {"<name>": {"numel": int, "drop_rates": [float or null per variant],
          "variants": [{"changed", "kept", "dropped", "taken", "overwrote",
                        "averaged", "overwritten": int, "final_share": float}, ...]}},
-     "analysis": {...}}                           # optional: a `circuit-merge analyze --json` document
+     "analysis": {...},                           # optional: a `circuit-merge analyze --json` document
+     "finished": bool, "tensors_merged": int,     # optional (older reports lack them)
+     "recipe_parameters": {...}}                  # optional: the recipe's parameters as given
+
+A report whose ``finished`` is false comes from a merge that failed or was
+interrupted: it is refused (exit 2) unless ``--partial`` is given; one whose
+``finished`` is true says so in its header; one without the key (an older
+version) says nothing about it.
 
 Per tensor and variant: ``changed`` elements with ``|d| >= threshold``;
 ``kept`` survived MAGPRUNE; ``dropped = changed - kept``; ``taken``: kept
@@ -40,7 +48,8 @@ wherever the merge changed anything, and tensors the merge left unchanged
 weigh nothing.
 
 Exit codes: 0 done (inconsistencies in the file are printed as warnings);
-2 refused (no report, unreadable or malformed file, bad option).
+2 refused (no report, unreadable or malformed file, bad option, an unfinished
+merge without ``--partial``).
 """
 
 from __future__ import annotations
@@ -53,6 +62,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from circuit_merge_plugin.core.params import GLOBAL_PARAMETERS
+from circuit_merge_plugin.errors import Refused, run_guarded
 from circuit_merge_plugin.insight.render import (
     agreement_matrix,
     check_chart_options,
@@ -75,14 +86,9 @@ from circuit_merge_plugin.io.report_file import COUNTS, FORMAT, REPORT_ENV, REPO
 
 PROG = "circuit-merge report"
 SUMMARY_FORMAT = "circuit-merge-report-summary"
-EXIT_REFUSED = 2
 
 #: final_share sums within this of 1 count as 1.
 SHARE_TOLERANCE = 1e-4
-
-
-class Refused(ValueError):
-    """No report, or one that cannot be read; exit code 2."""
 
 
 # ---------------------------------------------------------------- loading
@@ -143,6 +149,12 @@ def validate_report(report) -> None:
         raise ValueError("'variants' must be a non-empty list of labels")
     if not isinstance(report.get("parameters", {}), dict):
         raise ValueError("'parameters' must be a map")
+    if not isinstance(report.get("recipe_parameters") or {}, dict):
+        raise ValueError("'recipe_parameters' must be a map (or null)")
+    if not isinstance(report.get("finished", False), bool):
+        raise ValueError("'finished' must be true or false")
+    if "tensors_merged" in report and not _is_int(report["tensors_merged"]):
+        raise ValueError("'tensors_merged' must be a non-negative integer")
     tensors = report.get("tensors")
     if not isinstance(tensors, dict):
         raise ValueError("'tensors' must be a map of tensor name to counts")
@@ -305,6 +317,9 @@ def summary(report: dict, analysis: Optional[dict] = None) -> dict:
                       if analysis is not None else None),
         "problems": check_report(report),
     }
+    for key in ("finished", "tensors_merged", "recipe_parameters"):
+        if key in report:  # reports of older versions do not have them
+            result[key] = report[key]
     return result
 
 
@@ -315,21 +330,103 @@ def _rate_text(low: float, high: float) -> str:
     return f"{low:.4g}" if low == high else f"{low:.4g}-{high:.4g}"
 
 
+#: Short names of parameters in the header line.
+_SHORT_NAMES = {"meaningful_change_threshold": "threshold"}
+
+
+def _value_text(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def _parameter_text(parameters: dict) -> str:
+    """The merge's (fallback) parameter values, in the parameter table's order."""
     parts = []
-    for key in ("temperature", "base_droprate", "meaningful_change_threshold", "epsilon",
-                "rescale", "seed"):
-        if key in parameters:
-            value = parameters[key]
-            shown = {"meaningful_change_threshold": "threshold"}.get(key, key)
-            if isinstance(value, bool):
-                text = "on" if value else "off"
-            elif isinstance(value, float):
-                text = f"{value:g}"
-            else:
-                text = str(value)
-            parts.append(f"{shown} {text}")
+    for info in GLOBAL_PARAMETERS:
+        if info.name in parameters:
+            shown = _SHORT_NAMES.get(info.name, info.name)
+            parts.append(f"{shown} {_value_text(parameters[info.name])}")
     return ", ".join(parts)
+
+
+def _recipe_value_text(value) -> str:
+    """A recipe value as given: a scalar, or mergekit's per-layer list of
+    ``{filter, value}`` entries (first matching filter wins, no filter = fallback)."""
+    if isinstance(value, list) and all(isinstance(e, dict) and "value" in e for e in value):
+        parts = []
+        for entry in value:
+            where = entry.get("filter")
+            parts.append(f"{_recipe_value_text(entry['value'])} "
+                         + (f"({where})" if where is not None else "(otherwise)"))
+        return ", ".join(parts)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_recipe_value_text(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_recipe_value_text(v) for v in value) + "]"
+    return _value_text(value)
+
+
+#: Keys of a structured ``recipe_parameters`` (the recipe's parts that hold parameters).
+_RECIPE_PARTS = ("parameters", "models", "slices", "modules")
+
+
+def _flat_text(parameters: dict) -> str:
+    return "; ".join(f"{key} = {_recipe_value_text(value)}" for key, value in parameters.items())
+
+
+def _recipe_text(recipe: dict) -> str:
+    """The recipe's parameters as given (``recipe_parameters``), one line: either
+    ``{name: setting}`` or the recipe's parts ``{"parameters": {...}, "models":
+    [{"model", "parameters"}, ...], "slices": [...]}`` (per-model values after
+    the global ones, each model named as listed)."""
+    if not set(recipe) <= set(_RECIPE_PARTS):
+        return _flat_text(recipe)
+    parts = []
+    if isinstance(recipe.get("parameters"), dict) and recipe["parameters"]:
+        parts.append(_flat_text(recipe["parameters"]))
+    for entry in recipe.get("models") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("parameters"), dict):
+            parts.append(f"{_recipe_value_text(entry.get('model'))}: "
+                         f"{_flat_text(entry['parameters'])}")
+    for number, piece in enumerate(recipe.get("slices") or [], 1):
+        if not isinstance(piece, dict):
+            continue
+        if isinstance(piece.get("parameters"), dict) and piece["parameters"]:
+            parts.append(f"slice {number}: {_flat_text(piece['parameters'])}")
+        for source in piece.get("sources") or []:
+            if isinstance(source, dict) and isinstance(source.get("parameters"), dict):
+                parts.append(f"slice {number} {_recipe_value_text(source.get('model'))}: "
+                             f"{_flat_text(source['parameters'])}")
+    if recipe.get("modules"):
+        parts.append(f"modules = {_recipe_value_text(recipe['modules'])}")
+    return "; ".join(parts)
+
+
+def _finished_text(summary_doc: dict) -> Optional[str]:
+    """What the report says about the merge's end (None: an older report, which
+    does not say)."""
+    finished = summary_doc.get("finished")
+    if finished is None:
+        return None
+    covered = summary_doc.get("tensors_merged")
+    if covered is None:
+        covered = summary_doc["total"]["tensors"]
+    if finished:
+        return f"the merge finished ({covered} tensor(s) merged)"
+    return (f"the merge did NOT finish: this report covers only the {covered} tensor(s) "
+            "merged before it stopped")
+
+
+#: One line under the table: what each column counts.
+LEGEND = (
+    "changed: |delta| >= threshold; kept: survived MAGPRUNE; dropped: changed - kept; "
+    "taken: kept where nothing was accumulated yet; overwrote: kept, replacing a value of "
+    "the opposite sign; averaged: kept, averaged with an agreeing value; overwritten: later "
+    "replaced by a higher priority; share: of the final |delta|"
+)
 
 
 TOTAL_HEADERS = ["variant", "changed", "kept", "dropped", "taken", "overwrote", "averaged",
@@ -369,13 +466,18 @@ def render_text(summary_doc: dict, source: str) -> str:
     out = [f"Circuit-Merge report: {source}",
            f"{n} variant(s), V1 = highest priority; {fmt_count(total['numel'])} parameters in "
            f"{total['tensors']} tensors"]
+    finished = _finished_text(summary_doc)
+    if finished is not None:
+        out.append(finished[0].upper() + finished[1:])
     parameters = _parameter_text(summary_doc["parameters"])
     if parameters:
         out.append(parameters)
+    if summary_doc.get("recipe_parameters"):
+        out.append(f"recipe parameters as given: {_recipe_text(summary_doc['recipe_parameters'])}")
     for tag, label, rates in zip(tags, summary_doc["variants"], summary_doc["drop_rates"]):
         out.append(f"  {tag} = {label}  (drop rate {_rate_text(rates['min'], rates['max'])})")
     out += ["", "All layers (elements; share = share of the final |delta|)",
-            text_table(TOTAL_HEADERS, _total_rows(total, tags))]
+            text_table(TOTAL_HEADERS, _total_rows(total, tags)), LEGEND]
     out += ["", "Contribution share per layer (final changed elements, share of each variant)",
             text_table(["layer", "final changed"] + tags, _share_rows(summary_doc))]
     out += ["", "Kept / dropped / overwrote / averaged per layer",
@@ -440,6 +542,10 @@ def render_html(summary_doc: dict, pngs: Dict[str, Tuple[str, bytes]], source: s
     tags = variant_tags(n)
     inputs = [
         html_paragraph(f"Merge {source}: {_parameter_text(summary_doc['parameters'])}"),
+        *([html_paragraph(_finished_text(summary_doc))] if "finished" in summary_doc else []),
+        *([html_paragraph("Recipe parameters as given: "
+                          + _recipe_text(summary_doc["recipe_parameters"]))]
+          if summary_doc.get("recipe_parameters") else []),
         html_table(["variant", "label", "drop rate"], [
             [t, label, _rate_text(r["min"], r["max"])]
             for t, label, r in zip(tags, summary_doc["variants"], summary_doc["drop_rates"])
@@ -447,7 +553,8 @@ def render_html(summary_doc: dict, pngs: Dict[str, Tuple[str, bytes]], source: s
     ]
     sections = [
         ("Inputs", inputs),
-        ("All layers", [html_table(TOTAL_HEADERS, _total_rows(summary_doc["total"], tags))]),
+        ("All layers", [html_table(TOTAL_HEADERS, _total_rows(summary_doc["total"], tags)),
+                        html_paragraph(LEGEND)]),
         ("Charts", [html_image(png, caption, name) + html_paragraph(caption)
                     for name, (caption, png) in pngs.items()]),
         ("Contribution share per layer", [
@@ -478,16 +585,32 @@ def render_html(summary_doc: dict, pngs: Dict[str, Tuple[str, bytes]], source: s
 @click.option("--analysis", "analysis_path", metavar="FILE", default=None,
               help="A `circuit-merge analyze --json` file of the same variants, for the "
               "agreement matrix (used instead of one embedded in the report).")
+@click.option("--partial", is_flag=True,
+              help="Show the report of a merge that did not finish (failed or interrupted) "
+              "instead of refusing it.")
 @click.option("--quiet", "-q", is_flag=True, help="No messages about written files.")
-def report_command(directory, as_json, html_path, png_dir, analysis_path, quiet):
+@click.pass_context
+def report_command(ctx, directory, as_json, html_path, png_dir, analysis_path, partial, quiet):
     """Show what each variant contributed to the merge in DIR.
 
     Reads DIR/circuit_merge_report.json; prints per layer and variant the
     elements kept, dropped by MAGPRUNE, overwriting on sign conflicts and
     averaged on agreement, and each variant's share of the final delta.
     """
+    ctx.exit(run_guarded(
+        lambda: _report_command(directory, as_json, html_path, png_dir, analysis_path,
+                                partial, quiet),
+        PROG))
+
+
+def _report_command(directory, as_json, html_path, png_dir, analysis_path, partial,
+                    quiet) -> int:
     check_chart_options(html_path, png_dir)
     report = load_report(directory)
+    if report.get("finished") is False and not partial:
+        covered = report.get("tensors_merged", len(report["tensors"]))
+        raise Refused(f"{directory}: the merge did not finish; its report covers only "
+                      f"{covered} tensor(s) (pass --partial to show it anyway)")
     analysis = None
     if analysis_path is not None:
         analysis = _load_analysis(analysis_path, len(report["variants"]))
@@ -496,6 +619,8 @@ def report_command(directory, as_json, html_path, png_dir, analysis_path, quiet)
         sys.stdout.write(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     else:
         click.echo(render_text(doc, directory), nl=False)
+    if report.get("finished") is False and not quiet:
+        click.echo(f"{PROG}: warning: the merge did not finish; the report is partial", err=True)
     if doc["problems"] and not quiet:
         click.echo(f"{PROG}: warning: {len(doc['problems'])} inconsistencies in the report, "
                    f"first: {doc['problems'][0]}", err=True)

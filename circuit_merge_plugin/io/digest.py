@@ -97,3 +97,14 @@ def combine(digests: Dict[str, str]) -> str:
 def digest_directory(directory: Path) -> str:
     """The order-independent digest of a model directory (hex)."""
     return combine(tensor_digests(directory))
+
+
+def compare_digests(here: Dict[str, str], there: Dict[str, str]) -> tuple:
+    """(names whose digests differ, names only in ``here``, names only in ``there``),
+    each sorted by the UTF-8 bytes of the names."""
+
+    def ordered(names):
+        return sorted(names, key=lambda n: n.encode("utf-8"))
+
+    changed = ordered(n for n in set(here) & set(there) if here[n] != there[n])
+    return changed, ordered(set(here) - set(there)), ordered(set(there) - set(here))
