@@ -21,7 +21,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 REGISTERED = textwrap.dedent(
     """
     from mergekit.merge_methods import registry
-    if hasattr(registry, "registered_methods"):
+    from circuit_merge_plugin.adapters.methods import mergekit_api
+    if mergekit_api() == "0.1.5":
         names = [m.spec.name for m in registry.registered_methods()]
     else:
         names = list(registry.REGISTERED_MERGE_METHODS)
