@@ -84,7 +84,7 @@ def other_plugins(tmp_path):
         "circuit = circuit_merge_plugin.adapters.methods:circuit_method\n"
         "broken = otherplugin_missing_module:method\n"
     )
-    return {"PYTHONPATH": str(tmp_path)}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
 
 
 def test_shared_group_and_broken_plugin_only_warn(other_plugins):
