@@ -1,7 +1,8 @@
 """Shared fixtures: locally generated model families and a mergekit-yaml runner.
 
 The same suite runs under mergekit 0.1.5 and 0.1.4 (see .ci/test); tests that
-only make sense under one API use the ``mergekit_api`` fixture to skip.
+only make sense under one API use the ``api`` fixture (the package's one probe,
+:func:`circuit_merge_plugin.adapters.methods.mergekit_api`) to skip.
 """
 
 from __future__ import annotations
@@ -16,15 +17,10 @@ import pytest
 import torch
 import yaml
 
+from circuit_merge_plugin.adapters.methods import mergekit_api  # the one probe
 from circuit_merge_plugin.demo.toymodels import build_family
 
 BIN = Path(sys.executable).parent
-
-
-def mergekit_api() -> str:
-    from mergekit.merge_methods import base
-
-    return "0.1.5" if hasattr(base, "GroupMergeMethod") else "0.1.4"
 
 
 @pytest.fixture(scope="session")

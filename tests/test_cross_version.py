@@ -102,7 +102,7 @@ def test_byte_identical_across_mergekit_versions(llama_family, qwen_family, tmp_
                 f"{name}-{side}", bin_dir, config, tmp_path / side / name, *args,
                 env={"CIRCUIT_MERGE_REPORT": str(tmp_path / side / f"{name}.report.json")},
             )
-    results = runs.wait()
+    results = runs.wait(timeout=1800)  # a busy 2-core machine takes minutes
 
     for name in recipes:
         for side in ("here", "other"):
@@ -126,7 +126,13 @@ def test_byte_identical_across_mergekit_versions(llama_family, qwen_family, tmp_
         # the contribution reports (CIRCUIT_MERGE_REPORT) are the same bytes too
         reports = [(tmp_path / side / f"{name}.report.json").read_bytes() for side in ("here", "other")]
         assert reports[0] == reports[1], f"{name}: the reports differ between mergekit versions"
-        assert check_report(load_report(str(tmp_path / "here" / f"{name}.report.json"))) == []
+        report = load_report(str(tmp_path / "here" / f"{name}.report.json"))
+        assert check_report(report) == []
+        # ... header included: finished, where the seed came from, the recipe's parameters
+        assert report["finished"] is True
+        assert report["tensors_merged"] == len(report["tensors"]) == len(here)
+        assert report["seed_source"] == ("recipe" if name == "qwen" else "random_seed option")
+        assert report["recipe_parameters"]["parameters"] == recipes[name][0]["parameters"]
 
     # The recipes are stochastic: the result is not the drop-free merge.
     key = "model.layers.0.mlp.down_proj.weight"

@@ -66,3 +66,18 @@ def test_base_is_required():
     base, variants = _tensors()
     with pytest.raises(ValueError, match="base"):
         merge_tensors([base, *variants], "circuit", parameters={"seed": 1})
+
+
+def test_merge_tensors_needs_the_name_to_match_mergekit_yaml():
+    """The random streams are keyed by tensor name: without ``name=`` the group
+    has no name and the bytes differ from mergekit-yaml's merge of that tensor."""
+    from mergekit.merge_methods import merge_tensors
+
+    base, variants = _tensors(2)
+    params = CircuitParams(seed=42)
+    named = merge_tensors([base, *variants], "circuit", base_index=0,
+                          parameters={"seed": 42}, name="model.w")
+    unnamed = merge_tensors([base, *variants], "circuit", base_index=0, parameters={"seed": 42})
+    assert torch.equal(named, circuit_merge(base, variants, params, name="model.w"))
+    assert torch.equal(unnamed, circuit_merge(base, variants, params, name=""))
+    assert not torch.equal(named, unnamed)

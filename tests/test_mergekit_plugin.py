@@ -82,6 +82,25 @@ def base_listed_recipe(family):
     }
 
 
+#: Per-layer values and no seed at all (neither `seed:` nor --random-seed).
+DRAWN = {key: value for key, value in PER_LAYER.items() if key != "seed"}
+NAN_TENSOR = "model.layers.1.mlp.down_proj.weight"
+
+
+def _family_with_nan(family, root):
+    """The family with its last variant copied and one NaN put in NAN_TENSOR."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = root / "variant_nan"
+    shutil.copytree(family.variants[-1], copy)
+    tensors = load_file(str(copy / "model.safetensors"))
+    tensors[NAN_TENSOR][0, 0] = float("nan")
+    save_file(tensors, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    return type(family)(base=family.base, variants=[*family.variants[:-1], copy])
+
+
 BAD = {
     "bad_temperature": ({"temperature": 1.5}, None, "temperature must be in [0, 1]"),
     # mergekit 0.1.4's own recipe parser refuses non-numbers first, naming it.
@@ -138,7 +157,7 @@ def merges(llama_family, qwen_family, tmp_path_factory):
         "report_env", BIN, recipe(llama_family, STOCHASTIC), root / "report_env",
         env={"CIRCUIT_MERGE_REPORT": str(root / "env-report.json")},
     )
-    results = runs.wait()
+    results = runs.wait(timeout=1800)  # a busy 2-core machine takes minutes
     return root, results
 
 
@@ -352,3 +371,115 @@ def test_report_recipe_parameter(merges, llama_family, api):
     )
     assert shown.returncode == 0, shown.stderr
     assert "V1 = " + str(llama_family.variants[0]) in shown.stdout
+
+
+# ---------------------------------------------------------------- errors and records ---
+
+
+@pytest.fixture(scope="module")
+def records(llama_family, tmp_path_factory):
+    """Merges whose stderr and report header are checked, each writing its
+    report through CIRCUIT_MERGE_REPORT (either mergekit)."""
+    root = tmp_path_factory.mktemp("records")
+    jobs = {
+        # no seed anywhere: the drawn seed is printed and recorded
+        "drawn_seed": (recipe(llama_family, DRAWN, {0: {"drop_rate": 0.1}}), ()),
+        # a NaN in one tensor of one model: the merge stops midway
+        "nan_midway": (recipe(_family_with_nan(llama_family, root / "nan_family")), ()),
+        "option_seed": (recipe(llama_family), ("--random-seed", "5")),
+        "recipe_seed": (recipe(llama_family, {"seed": 11}), ("--random-seed", "1")),
+        "bad_drop_rate": (recipe(llama_family, {}, {1: {"drop_rate": 2}}), ()),
+    }
+    runs = Runs(max_parallel=3)
+    for label, (config, args) in jobs.items():
+        runs.mergekit_yaml(
+            label, BIN, config, root / label, *args,
+            env={"CIRCUIT_MERGE_REPORT": str(root / f"{label}-report.json")},
+        )
+    return root, runs.wait(timeout=1800)
+
+
+def _last_line(text):
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def test_out_of_range_drop_rate_names_the_model(records, llama_family):
+    """One clear line (the traceback's last) names the model as listed in the recipe,
+    while mergekit plans: no tensor was merged, no report was started."""
+    root, results = records
+    result = results["bad_drop_rate"]
+    assert result.returncode != 0
+    line = _last_line(result.stderr)
+    assert line.startswith("ValueError: drop_rate must be in [0, 1), got 2"), line
+    assert f"(model {llama_family.variants[1]}" in line, line
+    assert not (root / "bad_drop_rate-report.json").exists()
+    assert not list((root / "bad_drop_rate").glob("*.safetensors"))
+
+
+def _report_of(records, label):
+    return json.loads((records[0] / f"{label}-report.json").read_text())
+
+
+def test_drawn_seed_is_printed_once_and_recorded(records, llama_family):
+    root, results = records
+    result = results["drawn_seed"]
+    check(result, "mergekit-yaml (drawn_seed)")
+    lines = [line for line in result.stderr.splitlines() if "no seed given" in line]
+    assert len(lines) == 1, result.stderr[-3000:]
+    seed = int(lines[0].split("drew seed ")[1].split()[0])
+    assert lines[0].endswith(
+        f"circuit: no seed given; drew seed {seed} (reproduce with `seed: {seed}` "
+        f"in the recipe or mergekit-yaml --random-seed {seed})")
+    report = _report_of(records, "drawn_seed")
+    assert report["seed_source"] == "drawn"
+    assert report["parameters"]["seed"] == seed
+    # the printed seed is the one used: the kernel with it gives the same bytes
+
+    def params_for(name):
+        return CircuitParams(
+            temperature=1.0 if "mlp" in name else 0.0,
+            base_droprate=0.2 if "self_attn" in name else 0.6,
+            rescale="embed" not in name,
+            seed=seed,
+        )
+
+    expected = expected_tensors(llama_family, params_for, drop_rate=[0.1, None, None])
+    assert_same_tensors(merged(records, "drawn_seed"), expected)
+
+
+def test_a_given_seed_prints_nothing(records):
+    for label, source, seed in (("option_seed", "random_seed option", 5), ("recipe_seed", "recipe", 11)):
+        result = records[1][label]
+        check(result, label)
+        assert "no seed given" not in result.stderr
+        report = _report_of(records, label)
+        assert (report["seed_source"], report["parameters"]["seed"]) == (source, seed)
+        assert report["finished"] is True
+
+
+def test_a_finished_merge_says_so(records):
+    report = _report_of(records, "drawn_seed")
+    tensors = merged(records, "drawn_seed")
+    assert report["finished"] is True
+    assert report["tensors_merged"] == len(report["tensors"]) == len(tensors)
+
+
+def test_a_merge_that_failed_midway_says_so(records):
+    result = records[1]["nan_midway"]
+    assert result.returncode != 0
+    line = _last_line(result.stderr)
+    assert "NaN or Inf" in line and NAN_TENSOR in line, line
+    report = _report_of(records, "nan_midway")
+    assert report["finished"] is False
+    assert 0 < report["tensors_merged"] == len(report["tensors"]) < 21
+    assert NAN_TENSOR not in report["tensors"]
+
+
+def test_recipe_parameters_in_the_report(records, llama_family):
+    """As the recipe gave them: per-layer filter lists and per-model values."""
+    report = _report_of(records, "drawn_seed")
+    v1, v2, v3 = (str(p) for p in llama_family.variants)
+    assert report["recipe_parameters"] == {
+        "parameters": DRAWN,
+        "models": [{"model": v1, "parameters": {"drop_rate": 0.1}}, {"model": v2}, {"model": v3}],
+    }

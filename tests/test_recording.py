@@ -141,3 +141,115 @@ def test_reporting_to_starts_fresh(tmp_path):
         record(target_for(None), "y", ["v"], _stats(count=1), {})
     assert list(json.loads(path.read_text())["tensors"]) == ["y"]
     assert report_writer._default is None
+
+
+# ---------------------------------------------------------------- finished or not
+
+
+def _header(path):
+    report = json.loads(path.read_text())
+    return {key: value for key, value in report.items() if key != "tensors"}
+
+
+def test_a_report_being_written_is_not_finished(tmp_path):
+    target = (report_file(str(tmp_path / "r.json")), {})
+    record(target, "x", ["a", "b"], _stats(seed=1), {"seed": 1}, {"seed_source": "recipe"})
+    record(target, "y", ["a", "b"], _stats(seed=2), {"seed": 1})
+    head = _header(tmp_path / "r.json")
+    assert head["finished"] is False and head["tensors_merged"] == 2
+    assert head["seed_source"] == "recipe"  # the first record's header keys
+    assert head["recipe_parameters"] is None  # no mergekit run on the stack
+    report_writer.finish(str(tmp_path / "r.json"))
+    after = _header(tmp_path / "r.json")
+    assert after == dict(head, finished=True)
+    assert load_report(str(tmp_path / "r.json"))["tensors"].keys() == {"x", "y"}
+
+
+def test_finish_patches_a_report_no_longer_held(tmp_path):
+    """finish() after reporting_to's block (or in another process): the header
+    is rewritten, the tensors are kept byte for byte."""
+    path = tmp_path / "r.json"
+    with pytest.raises(RuntimeError):
+        with reporting_to(str(path)):
+            record(target_for(None), "x", ["v"], _stats(count=1), {})
+            raise RuntimeError("the merge failed")
+    before = path.read_text()
+    assert _header(path)["finished"] is False  # a failed block leaves it unfinished
+    report_writer.finish(path)
+    after = path.read_text()
+    assert _header(path)["finished"] is True
+    assert after.split("\n", 1)[1] == before.split("\n", 1)[1]
+    report_writer.finish(tmp_path / "absent.json")  # nothing there: nothing made
+    assert not (tmp_path / "absent.json").exists()
+
+
+def test_reporting_to_finishes_when_its_block_completes(tmp_path):
+    with reporting_to(str(tmp_path)) as path:
+        record(target_for(None), "x", ["v"], _stats(count=1), {})
+        assert _header(path)["finished"] is False
+    assert _header(path)["finished"] is True
+
+
+def test_a_new_merge_after_finishing_starts_a_new_report(tmp_path):
+    target = (report_file(str(tmp_path / "r.json")), {})
+    record(target, "x", ["v"], _stats(count=1), {})
+    report_writer.finish(str(tmp_path / "r.json"))
+    record(target, "y", ["v"], _stats(count=1), {})
+    head = _header(tmp_path / "r.json")
+    assert head["finished"] is False and head["tensors_merged"] == 1
+
+
+@pytest.mark.parametrize(
+    "ending, finished",
+    [("return", True), ("exit0", True), ("error", False), ("interrupt", False), ("exit2", False)],
+)
+def test_inside_a_click_command(tmp_path, ending, finished):
+    """mergekit-yaml is a click command: its context closing decides. An
+    exception, Ctrl-C (click's Abort) or a non-zero exit leaves the report unfinished."""
+    import sys
+
+    import click
+    from click.testing import CliRunner
+
+    path = tmp_path / "r.json"
+
+    @click.command()
+    def command():
+        record((report_file(str(path)), {}), "x", ["v"], _stats(count=1), {})
+        assert _header(path)["finished"] is False
+        if ending == "error":
+            raise ValueError("NaN in an input")
+        if ending == "interrupt":
+            raise KeyboardInterrupt
+        if ending == "exit0":
+            sys.exit(0)
+        if ending == "exit2":
+            sys.exit(2)
+
+    CliRunner().invoke(command, [])
+    assert _header(path)["finished"] is finished
+    assert path not in report_writer._pending
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_outside_click_the_interpreter_exit_decides(tmp_path, fails):
+    """A Python program: finished at normal exit, not after an uncaught exception."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "r.json"
+    code = textwrap.dedent(f"""
+        import torch
+        from circuit_merge_plugin.adapters.recording import record, report_file
+        from circuit_merge_plugin.core.kernel import circuit_merge_with_stats
+        from circuit_merge_plugin.core.params import CircuitParams
+        base = torch.zeros(8); variant = torch.ones(8)
+        _, stats = circuit_merge_with_stats(base, [variant], CircuitParams(seed=1), name="x")
+        record((report_file({str(path)!r}), {{}}), "x", ["v"], stats, {{}})
+        if {fails}:
+            raise SystemError("failed after recording")
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert (result.returncode != 0) is fails, result.stderr
+    assert _header(path)["finished"] is (not fails)

@@ -21,7 +21,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 REGISTERED = textwrap.dedent(
     """
     from mergekit.merge_methods import registry
-    if hasattr(registry, "registered_methods"):
+    from circuit_merge_plugin.adapters.methods import mergekit_api
+    if mergekit_api() == "0.1.5":
         names = [m.spec.name for m in registry.registered_methods()]
     else:
         names = list(registry.REGISTERED_MERGE_METHODS)
@@ -83,7 +84,7 @@ def other_plugins(tmp_path):
         "circuit = circuit_merge_plugin.adapters.methods:circuit_method\n"
         "broken = otherplugin_missing_module:method\n"
     )
-    return {"PYTHONPATH": str(tmp_path)}
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
 
 
 def test_shared_group_and_broken_plugin_only_warn(other_plugins):

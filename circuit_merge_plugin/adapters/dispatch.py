@@ -16,16 +16,18 @@ from circuit_merge_plugin.core.kernel import circuit_merge, circuit_merge_with_s
 
 
 def merge_tensor(base, variants, params, report: Optional[str], *, drop_rate, name: str,
-                 labels: Sequence[str]):
+                 labels: Sequence[str], seed_source: Optional[str] = None):
     """Merge one tensor; ``labels`` are base first, as the kernel takes them.
 
     ``report`` is the recipe's value (None if not given); the recording module
-    decides where, if anywhere, the counts go.
+    decides where, if anywhere, the counts go. ``seed_source`` (from
+    :func:`circuit_merge_plugin.adapters.seeds.resolve`) goes in the report's header.
     """
     arguments = dict(drop_rate=drop_rate, name=name, labels=labels)
     target = recording.target_for(report)
     if target is None:
         return circuit_merge(base, variants, params, **arguments)
     merged, stats = circuit_merge_with_stats(base, variants, params, **arguments)
-    recording.record(target, name, labels[1:], stats, params.as_dict())
+    recording.record(target, name, labels[1:], stats, params.as_dict(),
+                     {"seed_source": seed_source})
     return merged

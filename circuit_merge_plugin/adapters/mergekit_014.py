@@ -46,8 +46,8 @@ from circuit_merge_plugin.core.params import (
     OUTPUT_PARAMETERS,
     VARIANT_PARAMETERS,
     check_parameter,
-    params_from_values,
 )
+from circuit_merge_plugin.adapters import seeds
 from circuit_merge_plugin.adapters.dispatch import merge_tensor
 from circuit_merge_plugin.io.report_file import REPORT_ENV
 
@@ -185,15 +185,17 @@ class CircuitMergeTask(Task[torch.Tensor]):
             dtype = torch.promote_types(dtype, tensor.dtype)
         base = tensors[self.base_model].to(dtype=dtype)
         overrides = dict(self.drop_rates)
+        params, seed_source = seeds.resolve(dict(self.global_values))
         with torch.autocast(device_type=base.device.type, enabled=False):
             return merge_tensor(
                 base,
                 [tensor.to(dtype=dtype) for _, tensor in variants],
-                params_from_values(dict(self.global_values)),
+                params,
                 self.report,
                 drop_rate=[overrides.get(model) for model, _ in variants],
                 name=name,
                 labels=[str(self.base_model), *(str(m) for m, _ in variants)],
+                seed_source=seed_source,
             )
 
 

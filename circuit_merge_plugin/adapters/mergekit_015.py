@@ -34,9 +34,10 @@ from circuit_merge_plugin.core.params import (
     OUTPUT_PARAMETERS,
     VARIANT_PARAMETERS,
     check_parameter,
-    params_from_values,
 )
+from circuit_merge_plugin.adapters import seeds
 from circuit_merge_plugin.adapters.dispatch import merge_tensor
+from circuit_merge_plugin.adapters.mergekit_run import check_recipe
 
 
 def _validated(name: str) -> Any:
@@ -82,15 +83,24 @@ class CircuitMerge(GroupMergeMethod):
         base = group.base
         variants = group.non_base
         drop_rate = parameters.get("drop_rate") or {}
+        params, seed_source = seeds.resolve(parameters)
         return merge_tensor(
             base.tensor,
             [entry.tensor for entry in variants],
-            params_from_values(parameters),
+            params,
             parameters.get("report"),
             drop_rate=[drop_rate.get(entry.id) for entry in variants],
             name=group.metadata.name or "",
             labels=[str(entry.id) for entry in (base, *variants)],
+            seed_source=seed_source,
         )
+
+    def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
+        """mergekit's structural check, then (once per recipe, while mergekit
+        plans) the recipe's parameter values, so an out-of-range per-model
+        value names its model; see :func:`~circuit_merge_plugin.adapters.mergekit_run.check_recipe`."""
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
+        check_recipe()
 
 
 def circuit_method() -> CircuitMerge:

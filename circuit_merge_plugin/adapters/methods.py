@@ -1,4 +1,6 @@
-"""The ``circuit`` method object for whichever mergekit API is installed.
+"""The ``circuit`` method object for whichever mergekit API is installed, and
+:func:`mergekit_api`, the one probe of that API (adapters, registration,
+tests and benchmarks all ask it).
 
 Chosen by the API that is present, never by parsing version strings: mergekit
 0.1.5 has ``GroupMergeMethod``; 0.1.4 has ``MergeMethod.make_task``.
@@ -6,13 +8,24 @@ Chosen by the API that is present, never by parsing version strings: mergekit
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
+
+API_015 = "0.1.5"
+API_014 = "0.1.4"
+
+
+@lru_cache(maxsize=None)
+def mergekit_api() -> str:
+    """``"0.1.5"`` (declarative specs, ``GroupMergeMethod``) or ``"0.1.4"``
+    (``MergeMethod.make_task``), by the API the installed mergekit has."""
+    from mergekit.merge_methods import base
+
+    return API_015 if hasattr(base, "GroupMergeMethod") else API_014
 
 
 def circuit_method() -> Any:
-    from mergekit.merge_methods import base
-
-    if hasattr(base, "GroupMergeMethod"):
+    if mergekit_api() == API_015:
         from circuit_merge_plugin.adapters.mergekit_015 import CircuitMerge
 
         return CircuitMerge()

@@ -30,7 +30,9 @@ def _registry():
     """Return (registered names, add function) for the installed mergekit."""
     from mergekit.merge_methods import registry
 
-    if hasattr(registry, "register") and hasattr(registry, "registered_methods"):
+    from circuit_merge_plugin.adapters.methods import API_015, mergekit_api
+
+    if mergekit_api() == API_015:
         names = {m.spec.name for m in registry.registered_methods()}
         return names, registry.register
     table: Dict[str, Any] = registry.REGISTERED_MERGE_METHODS
