@@ -57,3 +57,18 @@ def test_speed_results_page_is_rendered_from_its_numbers(name):
         f"python -m benchmarks.speed.run --render benchmarks/speed/results/{name}.json --name {name}"
     )
     assert _parts(SPEED_RESULTS / f"{name}.md")["machine"] == ["start", "end"]
+
+
+def test_drop_rate_table_matches_the_formula():
+    """The algorithm page's drop-rate table is what ``drop_rates`` returns."""
+    from circuit_merge_plugin import drop_rates
+
+    page = (REPO / "docs" / "algorithm.md").read_text()
+    rows = re.findall(r"^\s*\| (\d) \| ([\d., ]+) \| ([\d., ]+) \| `b`", page, re.M)
+    assert [int(n) for n, _, _ in rows] == [1, 2, 3, 4]
+    for n, defaults, preset in rows:
+        for text, (temperature, base_droprate) in ((defaults, (0.0, 0.5)), (preset, (0.5, 0.25))):
+            shown = [float(x) for x in text.split(",")]
+            assert shown == drop_rates(int(n), temperature, base_droprate), (n, text)
+    for n in range(1, 6):
+        assert drop_rates(n, 1.0, 0.3) == pytest.approx([0.3] * n, abs=1e-12)  # `b` each
