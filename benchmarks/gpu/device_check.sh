@@ -18,7 +18,7 @@
 #                          DEVICE_CHECK_SKIP_TESTS=1 bash benchmarks/gpu/device_check.sh
 #                          (CPU sides only, small models, no pip install)
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."   # the repository root
 START=$SECONDS
 BUDGET=${DEVICE_CHECK_BUDGET:-470}      # seconds for the whole script (< 8 min)
 OUT_DIR="${OUT:-/tmp/device-check-out}"

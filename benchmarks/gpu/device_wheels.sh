@@ -9,7 +9,7 @@
 # working tree), mergekit 0.1.5 and the dependencies missing on that image, as
 # CPython 3.12 manylinux wheels. Then call the device tool with carry [".whl"].
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."   # the repository root
 PY="${PYTHON:-.venv/bin/python}"
 rm -rf .whl && mkdir -p .whl
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

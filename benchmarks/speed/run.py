@@ -328,15 +328,29 @@ def _fit(rows: List[Dict]) -> str:
     return f"{intercept:.2f} s + {slope:.2f} s/GiB (R^2 {r2:.2f})"
 
 
+def _open(lines: List[str], name: str) -> None:
+    """Start a named part of the page: the docs site includes parts by name
+    (``--8<-- "benchmarks/speed/results/X.md:NAME"``), so its figures always come
+    from this file. The markers are HTML comments, invisible when rendered."""
+    lines += ["", f"<!-- --8<-- [start:{name}] -->"]
+
+
+def _close(lines: List[str], name: str) -> None:
+    lines += ["", f"<!-- --8<-- [end:{name}] -->"]
+
+
 def _markdown(results: Dict) -> str:
-    lines = [f"# {results['title']}", ""]
-    lines.append(f"Command: `{results['command']}`  ")
+    lines = [f"# {results['title']}"]
+    _open(lines, "machine")
+    lines += ["", f"Command: `{results['command']}`  "]
     lines.append(f"Started {results['started']}, took {results['elapsed_s'] / 60:.1f} min; "
                  f"load average at start {results['load_start']}, at end {results['load_end']}.")
     lines += ["", "Machine:", ""]
     lines += [f"- {key}: {value}" for key, value in results["machine"].items()]
+    _close(lines, "machine")
     compare = results.get("compare")
     if compare:
+        _open(lines, "compare")
         lines += ["", f"## Whole merges: `mergekit-yaml`, {compare['workload']}", "",
                   f"{compare.get('rounds', '?')} round(s), methods alternating (order rotated each round); "
                   f"inputs {compare['input_gib']:.2f} GiB. Wall time and peak RSS/CPU of the "
@@ -355,11 +369,13 @@ def _markdown(results: Dict) -> str:
             ok = summary["circuit"]["rss_mib"] <= summary["della"]["rss_mib"]
             lines.append(f"| peak RSS circuit - della | {summary['circuit']['rss_mib'] - summary['della']['rss_mib']:+.0f} MiB"
                          f" | | <= 0 {'(met)' if ok else '(not met)'} |")
+        _close(lines, "compare")
     for key, title in (("scaling_variants", "Scaling with the number of variants"),
                        ("scaling_size", "Scaling with model size")):
         data = results.get(key)
         if not data:
             continue
+        _open(lines, key.replace("_", "-"))
         lines += ["", f"## {title}", "",
                   "| method | size | variants | input GiB | median wall (s) | s per input GiB | peak RSS (MiB) | CPU (s) |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -370,8 +386,10 @@ def _markdown(results: Dict) -> str:
         lines += ["", "Least-squares fit of wall time against input bytes (intercept: start-up "
                   "and fixed costs; slope: cost per GiB read):", ""]
         lines += [f"- {method}: {_fit(rows)}" for method, rows in data["rows"].items()]
+        _close(lines, key.replace("_", "-"))
     kernel = results.get("kernel")
     if kernel:
+        _open(lines, "kernel")
         lines += ["", f"## Kernel only (in process, no I/O): {kernel['workload']}", "",
                   "| method | median (s) | ns per element per variant | circuit / method |",
                   "|---|---:|---:|---:|"]
@@ -379,8 +397,10 @@ def _markdown(results: Dict) -> str:
         for method, row in kernel["times"].items():
             ratio = circuit / row["median_s"] if circuit else float("nan")
             lines.append(f"| {method} | {row['median_s']:.3f} | {row['ns_per_element']:.2f} | {ratio:.3f} |")
+        _close(lines, "kernel")
     memory = results.get("memory")
     if memory:
+        _open(lines, "memory")
         lines += ["", "## Extra memory of one float32 tensor merge (3 variants)", "",
                   "Peak resident set during `merge_group` minus the resident set before it, "
                   "less the output tensor itself (fresh process per point).", "",
@@ -390,8 +410,10 @@ def _markdown(results: Dict) -> str:
             for r in rows:
                 lines.append(f"| {method} | {r['numel']} | {r['input_bytes'] / 2**20:.0f} | "
                              f"{r['work_bytes'] / 2**20:.2f} |")
+        _close(lines, "memory")
     counting = results.get("report")
     if counting:
+        _open(lines, "report")
         lines += ["", f"## Contribution report (`report:`): {counting['workload']}", "",
                   f"circuit without and with the recipe parameter `report: PATH`, "
                   f"{counting['rounds']} round(s) alternating; overhead = median of the "
@@ -407,6 +429,7 @@ def _markdown(results: Dict) -> str:
                 f"| {setting} | {whole['off_s']:.2f} | {whole['on_s']:.2f} | "
                 f"{whole['overhead']:+.1%} | <= {REPORT_TARGET:.0%} {met} | "
                 f"{kernel['off_s']:.3f} | {kernel['on_s']:.3f} | {kernel['overhead']:+.1%} |")
+        _close(lines, "report")
     if results.get("chart"):
         lines += ["", f"![chart]({Path(results['chart']).name})"]
     lines.append("")
