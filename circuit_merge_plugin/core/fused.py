@@ -2,7 +2,9 @@
 
 The same computation as the torch implementation in
 :mod:`circuit_merge_plugin.core.kernel`, bit for bit, written as plain loops and
-compiled with numba: per chunk, one pass over the elements per variant with
+compiled with numba (``error_model="numpy"``: a float division by zero gives
+inf or NaN as in torch, where the result is then never used, instead of
+raising): per chunk, one pass over the elements per variant with
 the chunk's accumulator in a small buffer (no temporary tensor per op), chunks
 in parallel (``prange``) on ``torch.get_num_threads()`` threads. It reproduces
 every float32 operation of the torch implementation in the same order with
@@ -103,7 +105,7 @@ def _pointer_like(typingctx, address, like):
     return types.CPointer(like.dtype)(types.int64, like), codegen
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _variant(addresses, index, like, numel):
     """Variant ``index`` as an array (the caller keeps the arrays alive; one dtype for all)."""
     return numba.carray(_pointer_like(addresses[index], like), (numel,))
@@ -112,7 +114,7 @@ def _variant(addresses, index, like, numel):
 # -------------------------------------------------- 16-bit conversions ----
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _f16_to_f32(h):
     h = _U64(h)
     sign = (h & _U64(0x8000)) << _S16
@@ -128,7 +130,7 @@ def _f16_to_f32(h):
     return _from_bits(np.uint32(bits))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _f32_to_f16(value):
     """float32 -> float16 bits, round to nearest even (torch's conversion)."""
     x = _U64(_bits(value))
@@ -155,7 +157,7 @@ def _f32_to_f16(value):
     return np.uint16(sign | q)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _f32_to_bf16(value):
     """float32 -> bfloat16 bits, round to nearest even (torch's conversion)."""
     if value != value:
@@ -222,7 +224,7 @@ def _store_impl(array, index, value, kind):
 # ----------------------------------------------------------- generator ----
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _uniform(keys, index):
     """rng.py's uniform of flat element ``index`` (int64) for one stream's block keys."""
     high = index >> 32
@@ -238,7 +240,7 @@ def _uniform(keys, index):
     return _F32((x >> _S8) ^ _TOP24) * _TWO_POW_MINUS_24
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def uniform_at(keys, start, count):
     """Uniforms of flat indices ``start .. start+count-1`` (the generator alone, for tests)."""
     out = np.empty(count, dtype=np.float32)
@@ -247,7 +249,7 @@ def uniform_at(keys, start, count):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def convert_to_16(values, kind):
     """float32 values rounded to bfloat16/float16 bit patterns (for tests)."""
     out = np.empty(values.size, dtype=np.uint16)
@@ -259,7 +261,7 @@ def convert_to_16(values, kind):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def convert_from_16(raw, kind):
     """bfloat16/float16 bit patterns as float32 (for tests)."""
     out = np.empty(raw.size, dtype=np.float32)
@@ -271,7 +273,7 @@ def convert_from_16(raw, kind):
 # ------------------------------------------------------------- kernels ----
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _bounds_kernel(base, variants, kind, numel, chunk, lows, highs, bad):
     """Per chunk and variant: min and max of |float32(V) - float32(B)|; bad[c] if not finite."""
     chunks = lows.shape[0]
@@ -299,10 +301,58 @@ def _bounds_kernel(base, variants, kind, numel, chunk, lows, highs, bad):
         bad[c] = not finite
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy")
+def _pruned(x, b, u, threshold, high, slope, offset, clamp, rescale):
+    """One element of one variant: (delta, below, dropped), branch-free.
+
+    delta = x - b in float32; below: |delta| < threshold, or delta == 0;
+    prob = (|delta| - high) * slope + offset, clamped at 0 when ``clamp``
+    (a constant-magnitude plan has slope 0 and offset p, a plan without
+    MAGPRUNE slope 0 and offset 0: prob is then exactly p, or 0, which no
+    uniform is below); dropped: below or u < prob; with ``rescale`` the delta
+    is divided by 1 - prob (exactly 1 without MAGPRUNE).
+    """
+    delta = x - b
+    magnitude = abs(delta)
+    below = (magnitude < threshold) | (magnitude == _ZERO)
+    prob = (magnitude - high) * slope + offset
+    if clamp:
+        prob = max(prob, _ZERO)
+    dropped = below | (u < prob)
+    if rescale:
+        delta = delta / (_ONE - prob)
+    return delta, below, dropped
+
+
+@njit(cache=True, error_model="numpy")
+def _fold_t0(a, delta, dropped):
+    """The T = 0 accumulation of one element: (new acc, take)."""
+    take = (a == _ZERO) | ((a < _ZERO) != (delta < _ZERO))
+    folded = delta if take else (a + delta) * _HALF
+    return (a if dropped else folded), take
+
+
+@njit(cache=True, error_model="numpy")
+def _fold(a, count, delta, dropped, temperature, t, one_minus_t):
+    """The general accumulation of one element: (new acc, new count, take)."""
+    take = (count == _ZERO) | ((not (a > _ZERO)) != (delta < _ZERO))
+    new = count + _ONE
+    if temperature == 0.0:
+        average = (a + delta) * _HALF
+    elif temperature == 1.0:
+        average = ((new - _ONE) * a + delta) / new
+    else:
+        average = ((a + delta) * one_minus_t) * _HALF
+        average = average + (((new - _ONE) * a + delta) * t) / new
+    folded = delta if take else average
+    counted = _ONE if take else new
+    return (a if dropped else folded), (count if dropped else counted), take
+
+
+@njit(cache=True, parallel=True, error_model="numpy")
 def _merge_kernel(
     base, variants, out, kind, numel, chunk, order, keys,
-    prune, constant, rate, keep, high, slope, offset, clamp_low, rescale,
+    high, slope, offset, clamp_low, rescale,
     threshold, fast, temperature, scale, use_scale, counting, counts, bins,
 ):
     """Merge all chunks; with ``counting``, fill counts[c] and bins[c] per chunk.
@@ -342,77 +392,54 @@ def _merge_kernel(
                 index = order[s]
                 variant = _variant(variants, index, base, numel)
                 stream = keys[index]
-                do_prune = prune[index]
-                is_constant = constant[index]
-                p_rate = rate[index]
-                p_keep = keep[index]
                 p_high = high[index]
                 p_slope = slope[index]
                 p_offset = offset[index]
                 p_clamp = clamp_low[index]
-                for j in range(n):
-                    gi = block_start + j
-                    delta = _load(variant, gi, kind) - base32[j]
-                    mag = abs(delta)
-                    below = mag < threshold or mag == _ZERO
-                    dropped = below
-                    if do_prune:
-                        u = _uniform(stream, gi)
-                        if is_constant:
-                            dropped = dropped or u < p_rate
-                            if rescale:
-                                delta = delta / p_keep
-                        else:
-                            prob = (mag - p_high) * p_slope + p_offset
-                            if p_clamp:
-                                prob = max(prob, _ZERO)
-                            dropped = dropped or u < prob
-                            if rescale:
-                                delta = delta / (_ONE - prob)
-                    a = acc[j]
-                    take = False
-                    if not dropped:
+                if counting:
+                    below_n = 0
+                    kept_n = 0
+                    taken_n = 0
+                    take_n = 0
+                    for j in range(n):
+                        gi = block_start + j
+                        delta, below, dropped = _pruned(
+                            _load(variant, gi, kind), base32[j], _uniform(stream, gi),
+                            threshold, p_high, p_slope, p_offset, p_clamp, rescale)
                         if fast:
-                            take = a == _ZERO or ((a < _ZERO) != (delta < _ZERO))
-                            if take:
-                                acc[j] = delta
-                            else:
-                                acc[j] = (a + delta) * _HALF
+                            acc[j], take = _fold_t0(acc[j], delta, dropped)
                         else:
-                            cnt = num[j]
-                            take = cnt == _ZERO or ((not a > _ZERO) != (delta < _ZERO))
-                            if take:
-                                acc[j] = delta
-                                num[j] = _ONE
-                            else:
-                                new = cnt + _ONE
-                                if temperature == 0.0:
-                                    average = (a + delta) * _HALF
-                                elif temperature == 1.0:
-                                    average = ((new - _ONE) * a + delta) / new
-                                else:
-                                    average = ((a + delta) * one_minus_t) * _HALF
-                                    average = average + (((new - _ONE) * a + delta) * t) / new
-                                acc[j] = average
-                                num[j] = new
-                            if counting:
-                                before[s, j] = cnt
-                    if counting:
-                        if below:
-                            local_counts[s, 0] += 1
-                        if dropped:
-                            code[s, j] = 0
-                        else:
-                            local_counts[s, 1] += 1
-                            if not seen[j]:
-                                local_counts[s, 2] += 1
-                            seen[j] = True
-                            if take:
-                                local_counts[s, 3] += 1
-                                code[s, j] = 1
-                            else:
-                                code[s, j] = 2
-                            magnitude[s, j] = abs(delta)
+                            before[s, j] = num[j]
+                            acc[j], num[j], take = _fold(acc[j], num[j], delta, dropped,
+                                                         temperature, t, one_minus_t)
+                        kept = not dropped
+                        take = take & kept
+                        below_n += below
+                        kept_n += kept
+                        taken_n += kept & (not seen[j])
+                        take_n += take
+                        seen[j] = seen[j] | kept
+                        code[s, j] = 1 if take else (2 if kept else 0)
+                        magnitude[s, j] = abs(delta)
+                    local_counts[s, 0] += below_n
+                    local_counts[s, 1] += kept_n
+                    local_counts[s, 2] += taken_n
+                    local_counts[s, 3] += take_n
+                elif fast:
+                    for j in range(n):
+                        gi = block_start + j
+                        delta, below, dropped = _pruned(
+                            _load(variant, gi, kind), base32[j], _uniform(stream, gi),
+                            threshold, p_high, p_slope, p_offset, p_clamp, rescale)
+                        acc[j], take = _fold_t0(acc[j], delta, dropped)
+                else:
+                    for j in range(n):
+                        gi = block_start + j
+                        delta, below, dropped = _pruned(
+                            _load(variant, gi, kind), base32[j], _uniform(stream, gi),
+                            threshold, p_high, p_slope, p_offset, p_clamp, rescale)
+                        acc[j], num[j], take = _fold(acc[j], num[j], delta, dropped,
+                                                     temperature, t, one_minus_t)
             if counting:
                 _attribute(code, magnitude, before, n, steps, fast, t, t_plus_half,
                            half_one_minus_t, local_counts, local_bins)
@@ -426,7 +453,7 @@ def _merge_kernel(
             bins[c] = local_bins
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _attribute(code, magnitude, before, n, steps, fast, t, t_plus_half, half_one_minus_t,
                local_counts, local_bins):
     """The tally's backward pass over one block: survivors and the attributed mass.
@@ -538,7 +565,7 @@ def _stream_keys(keys: Sequence[Tuple[int, int]], numel: int) -> np.ndarray:
 
 def merge(flat_base, flat_variants, out, plans, rescale, keys, threshold, fast, temperature,
           lambda_, chunk_size, counting):
-    """Merge into ``out`` (flat, base dtype); with ``counting`` return (counts, mantissa sums).
+    """Merge into ``out`` (flat, base dtype); with ``counting`` return (counts, mass bins).
 
     ``plans`` are the kernel's per-variant plans (listing order) as tuples
     ``(prune, constant, rate, keep, high, slope, offset, clamp_low)`` of Python
@@ -550,9 +577,15 @@ def merge(flat_base, flat_variants, out, plans, rescale, keys, threshold, fast, 
     chunk = max(1, min(chunk_size, numel))
     chunks = -(-numel // chunk)
     _, kind = _KINDS[flat_base.dtype]
-    columns = list(zip(*plans))
-    as_bool = lambda values: np.array(values, dtype=np.bool_)  # noqa: E731
-    as_f32 = lambda values: np.array(values, dtype=np.float32)  # noqa: E731
+    rows = []
+    for prune, constant, rate, _keep, high, slope, offset, clamp_low in plans:
+        if not prune:  # prob = 0: nothing dropped but the threshold, 1 - prob = 1
+            rows.append((0.0, 0.0, 0.0, False))
+        elif constant:  # prob = p everywhere; 1 - p is the plan's keep value
+            rows.append((0.0, 0.0, rate, False))
+        else:
+            rows.append((high, slope, offset, clamp_low))
+    highs, slopes, offsets, clamps = (np.array(column) for column in zip(*rows))
     order = np.arange(count - 1, -1, -1, dtype=np.int64)
     shape = (chunks, count) if counting else (1, count)
     counts = np.zeros(shape + (COLUMNS,), dtype=np.int64)
@@ -561,9 +594,8 @@ def merge(flat_base, flat_variants, out, plans, rescale, keys, threshold, fast, 
     _merge_kernel(
         _array(flat_base), _addresses(arrays), _array(out), kind,
         numel, chunk, order, _stream_keys(keys, numel),
-        as_bool(columns[0]), as_bool(columns[1]), as_f32(columns[2]), as_f32(columns[3]),
-        as_f32(columns[4]), as_f32(columns[5]), as_f32(columns[6]), as_bool(columns[7]),
-        bool(rescale),
+        highs.astype(np.float32), slopes.astype(np.float32), offsets.astype(np.float32),
+        clamps.astype(np.bool_), bool(rescale),
         np.float32(threshold), bool(fast), float(temperature),
         np.float32(lambda_), lambda_ != 1.0, bool(counting), counts, bins,
     )

@@ -194,12 +194,28 @@ class Tally:
         self._add_mass(magnitude.view(torch.int32))
 
     def _add_mass(self, bits: torch.Tensor) -> None:
-        """Add non-negative float32 values (rows of bit patterns) exactly to the bins."""
+        """Add non-negative float32 values (rows of bit patterns) exactly to the bins.
+
+        Per exponent field, the sum of the integer mantissas (implicit bit
+        included). ``bincount`` sums them as float64, exact while a call's sum
+        stays below 2**53: at most 2**28 values of < 2**24 per call.
+        """
         exponent = torch.bitwise_right_shift(bits, 23)
         mantissa = torch.bitwise_and(bits, 0x7FFFFF)
         mantissa.bitwise_or_(exponent.clamp(max=1).bitwise_left_shift_(23))
-        index = exponent.add_(self._bin_offsets)
-        self.bins.view(-1).index_add_(0, index.view(-1).long(), mantissa.view(-1).long())
+        index = exponent.add_(self._bin_offsets).view(-1)
+        mantissa = mantissa.view(-1)
+        flat_bins = self.bins.view(-1)
+        if self.bins.device.type == "mps":  # no float64 there: integer scatter
+            flat_bins.index_add_(0, index.long(), mantissa.long())
+            return
+        for start in range(0, index.numel(), 1 << 28):
+            counted = torch.bincount(
+                index[start : start + (1 << 28)],
+                weights=mantissa[start : start + (1 << 28)].double(),
+                minlength=flat_bins.numel(),
+            )
+            flat_bins.add_(counted.long())
 
     def _make_views(self, size: int) -> SimpleNamespace:
         """The buffers cut to ``size`` columns, and their rows (made once per size)."""
