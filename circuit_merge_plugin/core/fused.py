@@ -58,6 +58,9 @@ _ZERO = _F32(0.0)
 BINS = 256  # tally.MASS_BINS
 #: Stats columns, as in :mod:`circuit_merge_plugin.core.tally`.
 COLUMNS = 5  # below, kept, taken, take, survived
+#: Interleaved copies of the mass bins (element j adds to copy j % _LANES):
+#: consecutive elements with the same exponent do not wait on each other's adds.
+_LANES = 4
 #: Elements per inner block (state buffers stay in L1/L2 whatever the chunk).
 _BLOCK = 2048
 
@@ -224,28 +227,48 @@ def _store_impl(array, index, value, kind):
 # ----------------------------------------------------------- generator ----
 
 
+_U32_MULT1 = np.uint32(0x21F0AAAD)
+_U32_MULT2 = np.uint32(0x735A2D97)
+_U32_8 = np.uint32(8)
+_U32_15 = np.uint32(15)
+_U32_16 = np.uint32(16)
+_I32_TOP24 = np.int32(0x800000)
+
+
 @njit(cache=True, error_model="numpy")
-def _uniform(keys, index):
-    """rng.py's uniform of flat element ``index`` (int64) for one stream's block keys."""
-    high = index >> 32
-    lo = _U64(index) & _M32
-    k0 = keys[high, 0]
-    step = keys[high, 1] | _ONE_U
-    x = (lo * step + k0) & _M32
-    x = x ^ (x >> _S16)
-    x = (x * _MULT1) & _M32
-    x = x ^ (x >> _S15)
-    x = (x * _MULT2) & _M32
-    x = x ^ (x >> _S15)
-    return _F32((x >> _S8) ^ _TOP24) * _TWO_POW_MINUS_24
+def _fill_draws(keys, start, count, draws):
+    """rng.py's uniforms of flat indices ``start .. start+count-1`` into ``draws``.
+
+    ``keys[block]`` are the stream's key words of each 2**32-element block.
+    Runs never cross a block; within one, every step is a 32-bit integer
+    operation (each result cut back to uint32, which lets LLVM use 32-bit
+    vector multiplies), exactly the unsigned arithmetic of rng.py.
+    """
+    done = 0
+    while done < count:
+        index = start + done
+        high = index >> 32
+        lo = index & 0xFFFFFFFF
+        run = min(count - done, (np.int64(1) << 32) - lo)
+        k0 = np.uint32(keys[high, 0])
+        step = np.uint32(keys[high, 1] | _ONE_U)
+        first = np.uint32(np.uint32(lo) * step + k0)
+        for j in range(run):
+            x = np.uint32(first + np.uint32(j) * step)
+            x = np.uint32(x ^ (x >> _U32_16))
+            x = np.uint32(x * _U32_MULT1)
+            x = np.uint32(x ^ (x >> _U32_15))
+            x = np.uint32(x * _U32_MULT2)
+            x = np.uint32(x ^ (x >> _U32_15))
+            draws[done + j] = np.float32(np.int32(x >> _U32_8) ^ _I32_TOP24) * _TWO_POW_MINUS_24
+        done += run
 
 
 @njit(cache=True, error_model="numpy")
 def uniform_at(keys, start, count):
-    """Uniforms of flat indices ``start .. start+count-1`` (the generator alone, for tests)."""
+    """Uniforms of flat indices ``start .. start+count-1`` (the kernel's generator, for tests)."""
     out = np.empty(count, dtype=np.float32)
-    for i in range(count):
-        out[i] = _uniform(keys, np.int64(start) + i)
+    _fill_draws(keys, np.int64(start), count, out)
     return out
 
 
@@ -352,7 +375,7 @@ def _fold(a, count, delta, dropped, temperature, t, one_minus_t):
 @njit(cache=True, parallel=True, error_model="numpy")
 def _merge_kernel(
     base, variants, out, kind, numel, chunk, order, keys,
-    high, slope, offset, clamp_low, rescale,
+    prune, high, slope, offset, clamp_low, rescale,
     threshold, fast, temperature, scale, use_scale, counting, counts, bins,
 ):
     """Merge all chunks; with ``counting``, fill counts[c] and bins[c] per chunk.
@@ -376,11 +399,12 @@ def _merge_kernel(
         num = np.empty(size, dtype=np.float32)
         rows = steps if counting else 1
         seen = np.empty(size, dtype=np.bool_)
+        draws = np.empty(size, dtype=np.float32)
         code = np.empty((rows, size), dtype=np.int8)  # 0 dropped, 1 take, 2 average
         magnitude = np.empty((rows, size), dtype=np.float32)
         before = np.empty((rows, size), dtype=np.float32)  # count before the step
         local_counts = np.zeros((steps, COLUMNS), dtype=np.int64)
-        local_bins = np.zeros((steps, BINS), dtype=np.int64)
+        local_bins = np.zeros((steps, _LANES, BINS), dtype=np.int64)
         for block_start in range(chunk_start, chunk_stop, size):
             n = min(size, chunk_stop - block_start)
             for j in range(n):
@@ -396,6 +420,10 @@ def _merge_kernel(
                 p_slope = slope[index]
                 p_offset = offset[index]
                 p_clamp = clamp_low[index]
+                if prune[index]:
+                    _fill_draws(stream, block_start, n, draws)
+                else:  # prob is 0: no draw is below it
+                    draws[:n] = _ONE
                 if counting:
                     below_n = 0
                     kept_n = 0
@@ -404,7 +432,7 @@ def _merge_kernel(
                     for j in range(n):
                         gi = block_start + j
                         delta, below, dropped = _pruned(
-                            _load(variant, gi, kind), base32[j], _uniform(stream, gi),
+                            _load(variant, gi, kind), base32[j], draws[j],
                             threshold, p_high, p_slope, p_offset, p_clamp, rescale)
                         if fast:
                             acc[j], take = _fold_t0(acc[j], delta, dropped)
@@ -429,14 +457,14 @@ def _merge_kernel(
                     for j in range(n):
                         gi = block_start + j
                         delta, below, dropped = _pruned(
-                            _load(variant, gi, kind), base32[j], _uniform(stream, gi),
+                            _load(variant, gi, kind), base32[j], draws[j],
                             threshold, p_high, p_slope, p_offset, p_clamp, rescale)
                         acc[j], take = _fold_t0(acc[j], delta, dropped)
                 else:
                     for j in range(n):
                         gi = block_start + j
                         delta, below, dropped = _pruned(
-                            _load(variant, gi, kind), base32[j], _uniform(stream, gi),
+                            _load(variant, gi, kind), base32[j], draws[j],
                             threshold, p_high, p_slope, p_offset, p_clamp, rescale)
                         acc[j], num[j], take = _fold(acc[j], num[j], delta, dropped,
                                                      temperature, t, one_minus_t)
@@ -490,7 +518,7 @@ def _attribute(code, magnitude, before, n, steps, fast, t, t_plus_half, half_one
                 mantissa = bits & _U64(0x7FFFFF)
                 if exponent != _ZERO_U:
                     mantissa = mantissa | _TOP24
-                local_bins[s, exponent] += np.int64(mantissa)
+                local_bins[s, j & (_LANES - 1), exponent] += np.int64(mantissa)
             if state == 1:
                 later_take = True
 
@@ -586,14 +614,15 @@ def merge(flat_base, flat_variants, out, plans, rescale, keys, threshold, fast, 
         else:
             rows.append((high, slope, offset, clamp_low))
     highs, slopes, offsets, clamps = (np.array(column) for column in zip(*rows))
+    prunes = np.array([plan[0] for plan in plans], dtype=np.bool_)
     order = np.arange(count - 1, -1, -1, dtype=np.int64)
     shape = (chunks, count) if counting else (1, count)
     counts = np.zeros(shape + (COLUMNS,), dtype=np.int64)
-    bins = np.zeros(shape + (BINS,), dtype=np.int64)
+    bins = np.zeros(shape + (_LANES, BINS), dtype=np.int64)
     arrays = [_array(v) for v in flat_variants]  # alive until the kernel returns
     _merge_kernel(
         _array(flat_base), _addresses(arrays), _array(out), kind,
-        numel, chunk, order, _stream_keys(keys, numel),
+        numel, chunk, order, _stream_keys(keys, numel), prunes,
         highs.astype(np.float32), slopes.astype(np.float32), offsets.astype(np.float32),
         clamps.astype(np.bool_), bool(rescale),
         np.float32(threshold), bool(fast), float(temperature),
@@ -601,7 +630,7 @@ def merge(flat_base, flat_variants, out, plans, rescale, keys, threshold, fast, 
     )
     if not counting:
         return None
-    return counts.sum(0), bins.sum(0)
+    return counts.sum(0), bins.sum(axis=(0, 2))
 
 
 __all__ = ["supports", "magnitude_bounds", "merge", "uniform_at"]
