@@ -38,15 +38,9 @@ from circuit_merge_plugin.core.rng import _block_key
 
 _F32 = np.float32
 _U64 = np.uint64
-_M32 = _U64(0xFFFFFFFF)
-_MULT1 = _U64(0x21F0AAAD)
-_MULT2 = _U64(0x735A2D97)
-_S8 = _U64(8)
 _S13 = _U64(13)
-_S15 = _U64(15)
 _S16 = _U64(16)
 _S23 = _U64(23)
-_S32 = _U64(32)
 _TOP24 = _U64(0x800000)
 _ONE_U = _U64(1)
 _ZERO_U = _U64(0)

@@ -24,7 +24,12 @@ the tensor size or the number of variants. Random numbers come from
 position), which makes results bit-identical across chunk sizes, processing
 orders and devices.
 
-Performance notes (see benchmarks/): every step is a single elementwise torch
+Two implementations give the same bytes and the same counts: this module's
+torch kernel (any device; the reference) and the fused numba kernel of
+:mod:`circuit_merge_plugin.core.fused` (CPU tensors, by default). See
+:func:`kernel_implementation` for the choice and ``docs/performance.md``.
+
+Performance notes on the torch kernel (see benchmarks/): every step is a single elementwise torch
 op writing into preallocated chunk buffers (``out=`` / in-place), with scalar
 operands made once as 0-dim tensors. Selections use integer bit operations on
 the float32 bit patterns instead of ``torch.where``/``masked_fill`` with
