@@ -38,6 +38,22 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(params=["torch", "fused"], scope="module")
+def implementation(request):
+    """Run the module's tests once per kernel implementation (CIRCUIT_MERGE_KERNEL).
+
+    Module scope: hypothesis tests may use it, and each implementation's
+    tests run together. The fused one must really be in use (numba is a core
+    dependency): no silent fallback to the torch kernel.
+    """
+    from circuit_merge_plugin.core.kernel import KERNEL_ENV, kernel_implementation
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(KERNEL_ENV, request.param)
+        assert kernel_implementation("cpu") == request.param
+        yield request.param
+
+
 @pytest.fixture(scope="session")
 def llama_family(tmp_path_factory):
     return build_family(tmp_path_factory.mktemp("llama"), variants=3, seed=0)

@@ -31,7 +31,7 @@ from circuit_merge_plugin.core.rng import stream_key, uniform
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "implementation")
 
 
 # ------------------------------------------------------------- helpers ----

@@ -41,6 +41,9 @@ def _inputs(kind, dtype, n, variants, seed):
     return base.to(dtype), out
 
 
+pytestmark = pytest.mark.usefixtures("implementation")
+
+
 CASES = list(itertools.product(
     ["sparse", "ints", "tiny", "signs"],
     [torch.float32, torch.bfloat16],

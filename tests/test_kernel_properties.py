@@ -40,7 +40,7 @@ DYADIC_TEMPERATURES = [0.25, 0.5, 0.75]
 EPS_OF = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "implementation")
 
 
 # ----------------------------------------------------------- reference ----

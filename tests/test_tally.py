@@ -33,7 +33,7 @@ def _unpruned(count: int) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _single_thread(one_torch_thread):
+def _single_thread(one_torch_thread, implementation):
     yield
 
 
@@ -287,10 +287,8 @@ def test_counts_do_not_depend_on_chunking_or_the_accumulation_path(monkeypatch, 
     monkeypatch.setattr(kernel, "_FAST_MAGNITUDE_LIMIT", 0.0)  # general path at T = 0 too
     results.append(circuit_merge_with_stats(base, variants, p, name="x", chunk_size=777)[1])
     first = results[0]
-    for other in results[1:]:
-        for a, b in zip(first.variants, other.variants):
-            assert a.as_dict() | {"final_share": 0} == b.as_dict() | {"final_share": 0}
-            assert a.final_share == pytest.approx(b.final_share, rel=1e-5)
+    for other in results[1:]:  # shares too: the attributed mass is summed exactly
+        assert other == first
     assert sum(row.final_share for row in first.variants) == pytest.approx(1.0, abs=1e-12)
     assert first.drop_rates == tuple(drop_rates(5, temperature, 0.5))
 

@@ -4,8 +4,10 @@
 #
 #   1. install the carried wheels (mergekit, its missing dependencies, the plugin)
 #   2. the test suite, with CUDA available
-#   3. CPU == CUDA: the kernel's bytes on many inputs, and the digest of a real
-#      mergekit-yaml circuit merge run on CPU and with --cuda (same recipe, seed)
+#   3. CPU == CUDA: the kernel's bytes on many inputs (CPU: the fused numba kernel
+#      and the torch kernel; CUDA: the torch kernel; all three the same bytes, and
+#      the same stats), and the digest of a real mergekit-yaml circuit merge run on
+#      CPU (the fused kernel) and with --cuda (same recipe, seed)
 #   4. the contribution report's cost with --cuda (35M, 1 round; target: under 5%)
 #   5. circuit vs della with --cuda on a generated ~1B-parameter model (bf16)
 #
@@ -49,7 +51,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 import torch, importlib.metadata as m
 print("torch", torch.__version__, "cuda available:", torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-for name in ("mergekit", "circuit-merge-plugin", "transformers", "pydantic"):
+for name in ("mergekit", "circuit-merge-plugin", "transformers", "pydantic", "numba", "llvmlite"):
     try:
         print(name, m.version(name))
     except Exception as error:
@@ -57,6 +59,8 @@ for name in ("mergekit", "circuit-merge-plugin", "transformers", "pydantic"):
 PYEOF
 "$PY" -c "from mergekit.merge_methods.registry import get; get('circuit'); print('merge_method circuit is registered')" \
     || FAILED+=("registration")
+"$PY" -c "from circuit_merge_plugin.core.kernel import kernel_implementation as k; print('kernel on cpu:', k('cpu'), '/ on cuda:', k('cuda')); assert k('cpu') == 'fused'" \
+    || FAILED+=("fused-kernel")
 
 # leaves >= 280 s for the digest check (<= 100 s), the report cost (<= 90 s, when
 # there is time) and the 1B timing (~160 s)

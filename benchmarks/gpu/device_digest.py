@@ -3,12 +3,15 @@
 Two checks, each printing one PASS/FAIL line per case and exiting non-zero on
 any mismatch:
 
-1. kernel: :func:`circuit_merge` on CPU and on CUDA for a set of inputs that
+1. kernel: :func:`circuit_merge` on CPU with both implementations (the fused
+   numba kernel and the torch kernel, chosen with ``CIRCUIT_MERGE_KERNEL``) and
+   on CUDA (the torch kernel), for a set of inputs that
    exercise every path (the T = 0 bit-select path, the general path at T > 0,
    rescale off, threshold 0, p < eps/2 (the clamp), per-variant drop rates,
    float32 / bf16 / fp16 inputs, tensors spanning many chunks with the
    default chunk sizes, which differ between the devices, sizes that are not
-   chunk multiples). The bytes of both results must be equal.
+   chunk multiples). The bytes of all three results must be equal, and so
+   must the stats of ``circuit_merge_with_stats`` (fused CPU against CUDA).
 2. mergekit-yaml: one circuit recipe on a generated family, merged with the
    real ``mergekit-yaml`` once on CPU and once with ``--cuda``, the same
    ``--random-seed``; the order-independent digests of the two outputs
@@ -21,6 +24,7 @@ Without CUDA it runs the CPU side only and says so (a dry run).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +32,12 @@ from typing import List
 
 import torch
 
-from circuit_merge_plugin.core.kernel import circuit_merge
+from circuit_merge_plugin.core.kernel import (
+    KERNEL_ENV,
+    circuit_merge,
+    circuit_merge_with_stats,
+    kernel_implementation,
+)
 from circuit_merge_plugin.core.params import CircuitParams
 
 CASES = [
@@ -69,27 +78,52 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
+def _cpu_merge(implementation: str, *args, **kwargs):
+    """circuit_merge on CPU with one implementation; (result, seconds)."""
+    previous = os.environ.get(KERNEL_ENV)
+    os.environ[KERNEL_ENV] = implementation
+    try:
+        if kernel_implementation("cpu") != implementation:
+            raise RuntimeError(f"the {implementation} kernel is not in use on CPU")
+        start = time.perf_counter()
+        result = circuit_merge(*args, **kwargs)
+        return result, time.perf_counter() - start
+    finally:
+        if previous is None:
+            os.environ.pop(KERNEL_ENV, None)
+        else:
+            os.environ[KERNEL_ENV] = previous
+
+
 def kernel_check(cuda: bool) -> List[str]:
     failures = []
     for index, (name, dtype, numel, variants, params, drop_rate, kind) in enumerate(CASES):
         base, others = _inputs(dtype, numel, variants, kind, seed=index)
         p = CircuitParams(seed=1000 + index, **params)
-        start = time.perf_counter()
-        cpu = circuit_merge(base, others, p, drop_rate=drop_rate, name=f"case.{name}")
-        cpu_s = time.perf_counter() - start
+        kwargs = dict(drop_rate=drop_rate, name=f"case.{name}")
+        cpu, cpu_s = _cpu_merge("fused", base, others, p, **kwargs)
+        reference, torch_s = _cpu_merge("torch", base, others, p, **kwargs)
+        ok = _same_bytes(cpu, reference)  # the two CPU implementations
         # chunk independence on one device as well: an odd chunk size
-        odd = circuit_merge(base, others, p, drop_rate=drop_rate, name=f"case.{name}",
-                            chunk_size=12_345)
-        ok = _same_bytes(cpu, odd)
-        line = f"kernel {name:<24} cpu {cpu_s:6.2f}s"
+        odd, _ = _cpu_merge("fused", base, others, p, chunk_size=12_345, **kwargs)
+        ok = ok and _same_bytes(cpu, odd)
+        line = f"kernel {name:<24} cpu fused {cpu_s:6.2f}s torch {torch_s:6.2f}s"
         if cuda:
             torch.cuda.synchronize()
             start = time.perf_counter()
-            gpu = circuit_merge(base.cuda(), [o.cuda() for o in others], p,
-                                drop_rate=drop_rate, name=f"case.{name}")
+            gpu = circuit_merge(base.cuda(), [o.cuda() for o in others], p, **kwargs)
             torch.cuda.synchronize()
             line += f"  cuda {time.perf_counter() - start:6.3f}s"
             ok = ok and _same_bytes(cpu, gpu.cpu())
+            if index % 4 == 0:  # the counts (and exact shares) too, on some cases
+                os.environ[KERNEL_ENV] = "fused"
+                merged, stats = circuit_merge_with_stats(base, others, p, **kwargs)
+                gpu_merged, gpu_stats = circuit_merge_with_stats(
+                    base.cuda(), [o.cuda() for o in others], p, **kwargs)
+                os.environ.pop(KERNEL_ENV, None)
+                same_stats = stats == gpu_stats and _same_bytes(merged, gpu_merged.cpu())
+                line += "  stats " + ("same" if same_stats else "DIFFER")
+                ok = ok and same_stats
         print(("PASS " if ok else "FAIL ") + line, flush=True)
         if not ok:
             failures.append(name)

@@ -24,6 +24,12 @@ kernel    in process, no I/O: every tensor of the family merged by circuit's
           (DELLA sparsify + sum consensus) and ties merge_group.
 memory    extra peak memory of one tensor merge against the tensor size
           (fresh child process per point): circuit's chunked kernel is flat.
+floor     in process: the torch and the fused kernel against the memory floor
+          (the variants summed into a copy of the base), 8M float32 elements x
+          3 variants, 2 threads, medians of 5 alternating rounds, plus the fused
+          kernel's first-call compile cost; written to ``<out>/floor.md`` and
+          ``floor.json`` (see :mod:`benchmarks.speed.floor`). Not in the default
+          set; ``--parts floor`` runs it alone.
 report    the cost of the contribution report (recipe ``report: PATH``):
           circuit with and without it, at temperature 0 and 0.5, as whole
           ``mergekit-yaml`` merges (alternating, ``--rounds`` rounds) and kernel
@@ -48,6 +54,7 @@ from benchmarks.speed.timing import run_merge
 
 HERE = Path(__file__).resolve().parent
 PARTS = ("compare", "scaling", "kernel", "memory", "report")
+EXTRA_PARTS = ("floor",)
 TARGETS = {"circuit/della": 0.6, "circuit/linear": 1.3}
 #: Largest extra whole-merge time of the contribution report, as a fraction.
 REPORT_TARGET = 0.05
@@ -94,9 +101,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="only rewrite the markdown and chart of an earlier run's JSON")
     args = parser.parse_args(argv)
     args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    unknown = set(args.parts) - set(PARTS)
+    unknown = set(args.parts) - set(PARTS + EXTRA_PARTS)
     if unknown:
-        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; "
+                     f"choose from {', '.join(PARTS + EXTRA_PARTS)}")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.scaling_methods = [m.strip() for m in args.scaling_methods.split(",") if m.strip()]
     args.scaling_variants = [int(v) for v in args.scaling_variants.split(",") if v.strip()]
@@ -449,6 +457,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.render:
         return render(args.render, args.out, args.name)
+    command = "python -m benchmarks.speed.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    if "floor" in args.parts:
+        from benchmarks.speed import floor
+
+        floor.run(args.out, "floor", 1 << 23, 3, 2, 5, True, command)
+        args.parts = [part for part in args.parts if part != "floor"]
+        if not args.parts:
+            return 0
     started = time.time()
     runner = Runner(args)
     results: Dict = {

@@ -24,7 +24,12 @@ the tensor size or the number of variants. Random numbers come from
 position), which makes results bit-identical across chunk sizes, processing
 orders and devices.
 
-Performance notes (see benchmarks/): every step is a single elementwise torch
+Two implementations give the same bytes and the same counts: this module's
+torch kernel (any device; the reference) and the fused numba kernel of
+:mod:`circuit_merge_plugin.core.fused` (CPU tensors, by default). See
+:func:`kernel_implementation` for the choice and ``docs/performance.md``.
+
+Performance notes on the torch kernel (see benchmarks/): every step is a single elementwise torch
 op writing into preallocated chunk buffers (``out=`` / in-place), with scalar
 operands made once as 0-dim tensors. Selections use integer bit operations on
 the float32 bit patterns instead of ``torch.where``/``masked_fill`` with
@@ -36,14 +41,24 @@ a scheduler time slice whenever a worker thread is preempted.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from circuit_merge_plugin.core.params import CircuitParams, check_parameter
 from circuit_merge_plugin.core.rng import fill_uniform, stream_key
-from circuit_merge_plugin.core.tally import Tally, TensorStats
+from circuit_merge_plugin.core.tally import Tally, TensorStats, stats_from_totals
+
+#: The environment variable that overrides the choice of implementation.
+KERNEL_ENV = "CIRCUIT_MERGE_KERNEL"
+_KERNEL_CHOICES = ("auto", "torch", "fused")
+_LOG = logging.getLogger("circuit_merge_plugin")
+_LOGGED: set = set()
+_FUSED_STATE: Dict[str, object] = {}
 
 #: Elements per chunk on CPU: torch's intra-op grain size, so every op of the
 #: chunk loop runs single-threaded (see the module notes); 8 chunk buffers of
@@ -180,9 +195,8 @@ def circuit_merge(
 
     Non-floating bases are returned unmerged (a copy of the base).
     """
-    merged, _ = _merge(
-        base, variants, params, drop_rate, name, positions, labels, chunk_size, False
-    )
+    options = MergeOptions.of(drop_rate, name, positions, labels, chunk_size, False)
+    merged, _ = _merge(base, variants, params, options)
     return merged
 
 
@@ -206,38 +220,116 @@ def circuit_merge_with_stats(
     """
     if chunk_size is None and torch.device(base.device).type != "cpu":
         chunk_size = COUNTING_CHUNK_SIZE
-    return _merge(
-        base, variants, params, drop_rate, name, positions, labels, chunk_size, True
-    )
+    options = MergeOptions.of(drop_rate, name, positions, labels, chunk_size, True)
+    return _merge(base, variants, params, options)
 
 
 #: Accelerator chunk when counting: the tally keeps ~10 rows of a chunk per variant.
 COUNTING_CHUNK_SIZE = 1 << 20
 
 
-def _merge(base, variants, params, drop_rate, name, positions, labels, chunk_size, counting):
+@dataclass(frozen=True)
+class MergeOptions:
+    """The per-call options of one tensor merge (the keyword arguments of
+    :func:`circuit_merge`, plus whether to count for the report)."""
+
+    drop_rate: Optional[Tuple[Optional[float], ...]] = None
+    name: str = ""
+    positions: Optional[Tuple[int, ...]] = None
+    labels: Optional[Tuple[str, ...]] = None
+    chunk_size: Optional[int] = None
+    counting: bool = False
+
+    @classmethod
+    def of(cls, drop_rate, name, positions, labels, chunk_size, counting) -> "MergeOptions":
+        def frozen(values):
+            return None if values is None else tuple(values)
+
+        return cls(frozen(drop_rate), name, frozen(positions), frozen(labels), chunk_size, counting)
+
+
+def _requested_kernel() -> str:
+    value = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if value not in _KERNEL_CHOICES:
+        raise ValueError(
+            f"{KERNEL_ENV} must be one of {', '.join(_KERNEL_CHOICES)}, "
+            f"got {os.environ.get(KERNEL_ENV)!r}"
+        )
+    return value
+
+
+def _fused_module():
+    """The fused kernel module, or None where numba cannot be imported."""
+    if "module" not in _FUSED_STATE:
+        try:
+            from circuit_merge_plugin.core import fused
+        except ImportError as error:  # numba missing or broken
+            _FUSED_STATE["error"] = f"{type(error).__name__}: {error}"
+            fused = None
+        _FUSED_STATE["module"] = fused
+    return _FUSED_STATE["module"]
+
+
+def kernel_implementation(device) -> str:
+    """The implementation a merge of tensors on ``device`` uses: ``"fused"`` or ``"torch"``.
+
+    CPU tensors use the fused (numba) kernel when numba imports, other devices
+    the torch kernel. ``CIRCUIT_MERGE_KERNEL=torch`` forces the torch kernel,
+    ``=fused`` requires the fused one on CPU (an error if numba is missing),
+    ``=auto`` (the default) chooses as above. The choice is logged once per
+    device type and implementation (logger ``circuit_merge_plugin``, INFO).
+    """
+    requested = _requested_kernel()
+    device_type = torch.device(device).type
+    chosen = "torch"
+    if device_type == "cpu" and requested != "torch":
+        if _fused_module() is not None:
+            chosen = "fused"
+        elif requested == "fused":
+            raise RuntimeError(
+                f"{KERNEL_ENV}=fused, but the fused kernel is unavailable "
+                f"({_FUSED_STATE.get('error')})"
+            )
+    if (device_type, chosen) not in _LOGGED:
+        _LOGGED.add((device_type, chosen))
+        _LOG.info("Circuit-Merge kernel on %s tensors: %s", device_type, chosen)
+    return chosen
+
+
+def _thresholded(low: float, high: float, threshold: float) -> Tuple[float, float]:
+    """Bounds of the thresholded |delta| from the raw ones: values below the
+    threshold become 0, so a raw bound below it becomes 0."""
+    return (low if low >= threshold else 0.0, high if high >= threshold else 0.0)
+
+
+def _merge(base, variants, params: CircuitParams, options: MergeOptions):
     if params.seed is None:
         raise ValueError("seed must be set before merging (an integer)")
+    chunk_size = options.chunk_size
     if chunk_size is None:
         chunk_size = default_chunk_size(base.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    name, labels, counting = options.name, options.labels, options.counting
     variants = list(variants)
     if not base.is_floating_point():
         if len(variants) < 1:
             raise ValueError("Circuit-Merge needs at least one variant")
-        rates = drop_rates(len(variants), params.temperature, params.base_droprate, drop_rate)
+        rates = drop_rates(
+            len(variants), params.temperature, params.base_droprate, options.drop_rate
+        )
         stats = TensorStats.unchanged(base.numel(), rates) if counting else None
         return base.clone(), stats
     _validate_inputs(base, variants, name, labels)
     count = len(variants)
+    positions = options.positions
     if positions is None:
         positions = range(count)
     elif len(positions) != count:
         raise ValueError(
             f"positions needs one value per variant ({count}), got {len(positions)}"
         )
-    rates = drop_rates(count, params.temperature, params.base_droprate, drop_rate)
+    rates = drop_rates(count, params.temperature, params.base_droprate, options.drop_rate)
 
     numel = base.numel()
     flat_base = base.reshape(-1)
@@ -246,9 +338,19 @@ def _merge(base, variants, params, drop_rate, name, positions, labels, chunk_siz
     if numel == 0:
         return out.reshape(base.shape), TensorStats.unchanged(0, rates) if counting else None
 
-    work = _Work(min(chunk_size, numel), base.device, base.dtype)
+    fused = None
+    if kernel_implementation(base.device) == "fused":
+        fused = _fused_module()
+        if not fused.supports(base, variants):
+            fused = None  # mixed input dtypes: the torch kernel
     threshold = _float32(params.meaningful_change_threshold)
-    bounds = _magnitude_bounds(flat_base, flat_variants, threshold, chunk_size, work)
+    if fused is not None:
+        work = None
+        lows, highs, finite = fused.magnitude_bounds(flat_base, flat_variants, chunk_size)
+        bounds = [_thresholded(l, h, threshold) for l, h in zip(lows, highs)] if finite else None
+    else:
+        work = _Work(min(chunk_size, numel), base.device, base.dtype)
+        bounds = _magnitude_bounds(flat_base, flat_variants, threshold, chunk_size, work)
     if bounds is None:  # one host sync per tensor, never inside the chunk loops
         _raise_non_finite(base, variants, name, labels)
     plans = [
@@ -256,21 +358,42 @@ def _merge(base, variants, params, drop_rate, name, positions, labels, chunk_siz
         for rate, (low, high) in zip(rates, bounds)
     ]
     keys = [stream_key(params.seed, name, position) for position in positions]
+    fast = params.temperature == 0 and all(
+        high < _FAST_MAGNITUDE_LIMIT for _, high in bounds
+    )
+    if fused is not None:
+        totals = fused.merge(
+            flat_base, flat_variants, out, [plan.row() for plan in plans], params.rescale,
+            keys, threshold, fast, params.temperature, params.lambda_, chunk_size, counting,
+        )
+        stats = None
+        if counting:
+            counts, bins = totals
+            stats = stats_from_totals(counts.tolist(), bins.tolist(), numel, rates)
+        return out.reshape(base.shape), stats
+    return out.reshape(base.shape), _torch_chunks(
+        flat_base, flat_variants, out, params, plans, keys, threshold, fast, work,
+        chunk_size, rates, counting,
+    )
+
+
+def _torch_chunks(flat_base, flat_variants, out, params, plans, keys, threshold, fast, work,
+                  chunk_size, rates, counting):
+    """The torch kernel's chunk loop: merges into ``out``; the stats when counting."""
+    numel = flat_base.numel()
+    count = len(flat_variants)
     # The kept-element test |d| >= threshold is an integer comparison of the
     # float32 bit patterns (monotone for non-negative floats); a threshold of 0
     # still drops exact zeros, which never contribute.
     threshold_bits = work.int32(max(_float32_bits(threshold), 1))
     # Processing order: lowest priority (last listed) first.
     order = list(range(count - 1, -1, -1))
-    fast = params.temperature == 0 and all(
-        high < _FAST_MAGNITUDE_LIMIT for _, high in bounds
-    )
     # lambda scales the merged delta in float32 before the add to the base;
     # at 1 the multiply is skipped (x * 1 == x exactly, so the bytes are the same).
     scale = None if params.lambda_ == 1.0 else work.float32(_float32(params.lambda_))
     tally = None
     if counting:
-        tally = Tally(count, work.delta.numel(), base.device, params.temperature, not fast)
+        tally = Tally(count, work.delta.numel(), flat_base.device, params.temperature, not fast)
     for start in range(0, numel, chunk_size):
         stop = min(start + chunk_size, numel)
         size = stop - start
@@ -305,8 +428,7 @@ def _merge(base, variants, params, drop_rate, name, positions, labels, chunk_siz
             torch.add(buf.acc, base_chunk, out=out_chunk)
         else:
             out_chunk.copy_(buf.acc.add_(base_chunk))
-    stats = None if tally is None else tally.result(numel, rates)
-    return out.reshape(base.shape), stats
+    return None if tally is None else tally.result(numel, rates)
 
 
 #: The T = 0 accumulation relies on (x + x) * 0.5 == x, which needs |x| < 2**127.
@@ -488,9 +610,7 @@ def _magnitude_bounds(flat_base, flat_variants, threshold, chunk_size, work):
     for low, high in running.tolist():
         if not (math.isfinite(low) and math.isfinite(high)):
             return None
-        bounds.append(
-            (low if low >= threshold else 0.0, high if high >= threshold else 0.0)
-        )
+        bounds.append(_thresholded(low, high, threshold))
     return bounds
 
 
@@ -504,26 +624,40 @@ class _Plan:
     reciprocal, CPU does not). At a = mx it is exactly p - eps/2.
     """
 
-    def __init__(self, rate, low, high, epsilon, rescale, work: _Work):
+    def __init__(self, rate, low, high, epsilon, rescale, work: Optional[_Work]):
         self.prune = rate > 0
         self.rescale = rescale
         self.constant = high == low
-        self.rate = work.float32(_float32(rate))
+        self.rate_value = _float32(rate)
+        self.keep_value = self.high_value = self.slope_value = self.offset_value = 0.0
         if self.constant:
             # prob = p everywhere; 1 - prob in float32 arithmetic:
-            self.keep_scale = float(1 - torch.tensor(rate, dtype=torch.float32))
+            self.keep_value = float(1 - torch.tensor(rate, dtype=torch.float32))
             self.clamp_low = False
         else:
-            offset = _float32(rate - epsilon / 2)
-            self.high = work.float32(high)
-            self.slope = work.float32(_float32(-epsilon / (high - low)))
-            self.offset = work.float32(offset)
+            self.high_value = high
+            self.slope_value = _float32(-epsilon / (high - low))
+            self.offset_value = _float32(rate - epsilon / 2)
             # The clamp to [0, 1]: prob >= offset always (the added term is
             # >= 0), so the lower clamp matters only when p < eps/2. The upper
             # clamp never changes a result: prob >= 1 is always dropped (u < 1),
             # and the rescale factor of a dropped element is never used.
-            self.clamp_low = offset < 0
-        self.one = work.one
+            self.clamp_low = self.offset_value < 0
+        self.keep_scale = self.keep_value
+        if work is not None:  # 0-dim operands of the torch kernel
+            self.rate = work.float32(self.rate_value)
+            if not self.constant:
+                self.high = work.float32(self.high_value)
+                self.slope = work.float32(self.slope_value)
+                self.offset = work.float32(self.offset_value)
+            self.one = work.one
+
+    def row(self) -> tuple:
+        """The plan as the fused kernel's per-variant values (float32-exact floats)."""
+        return (
+            self.prune, self.constant, self.rate_value, self.keep_value,
+            self.high_value, self.slope_value, self.offset_value, self.clamp_low,
+        )
 
 
 def _pruned_delta(variant_chunk, base_chunk, plan, key, start, threshold_bits, buf):

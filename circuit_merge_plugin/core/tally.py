@@ -26,7 +26,12 @@ new delta ``beta = (1-T)/2 + T/c`` (``alpha = beta = 1/2`` at T = 0), which is
 the kernel's averaging rule ``(1-T)(acc+d)/2 + T(acc(c-1)+d)/c`` split by term.
 Shares are normalised by the sum of the attributed magnitudes, so they sum to 1
 exactly up to float rounding wherever the merge changed anything, and are all 0
-where it changed nothing.
+where it changed nothing. The attributed magnitudes (float32, one per element
+and variant) are summed exactly: each is split into its integer mantissa and
+its exponent, the mantissas are added per exponent in int64 and the share is
+the ratio of the exact integer totals, rounded once. The report's shares are
+therefore the same bytes whatever the chunk size, thread count or
+implementation (a float sum would depend on the summation order).
 
 How it is counted: while merging a chunk, the kernel writes each variant
 step's pruned delta, drop mask and take mask straight into that step's row of
@@ -132,8 +137,11 @@ class Tally:
         # scratch: the masks counted (below threshold, kept, taken, take, live), reused after
         self.masks = torch.empty(len(_COLUMNS), count, size, **i32)
         self.totals = torch.zeros(count, len(_COLUMNS), dtype=torch.int64, device=device)
-        wide = torch.float32 if torch.device(device).type == "mps" else torch.float64
-        self.mass = torch.zeros(count, dtype=wide, device=device)
+        # mass: int64 sums of the float32 mantissas, per step and exponent field
+        self.bins = torch.zeros(count, MASS_BINS, dtype=torch.int64, device=device)
+        self._bin_offsets = torch.arange(count, dtype=torch.int32, device=device).mul_(
+            MASS_BINS
+        ).unsqueeze(1)
         self._abs = torch.tensor(_ABS_BITS, **i32)
         self._one = torch.tensor(1.0, **f32).view(torch.int32)
         self._half_flip = torch.tensor(0.5, **f32).view(torch.int32) ^ self._one
@@ -183,7 +191,31 @@ class Tally:
         # |delta| where live (garbage where dropped is masked bitwise, never multiplied)
         torch.bitwise_and(v.delta_bits, self._abs, out=magnitude_bits)
         magnitude = magnitude_bits.bitwise_and_(live).view(torch.float32).mul_(scale)
-        self.mass.add_(magnitude.sum(1))
+        self._add_mass(magnitude.view(torch.int32))
+
+    def _add_mass(self, bits: torch.Tensor) -> None:
+        """Add non-negative float32 values (rows of bit patterns) exactly to the bins.
+
+        Per exponent field, the sum of the integer mantissas (implicit bit
+        included). ``bincount`` sums them as float64, exact while a call's sum
+        stays below 2**53: at most 2**28 values of < 2**24 per call.
+        """
+        exponent = torch.bitwise_right_shift(bits, 23)
+        mantissa = torch.bitwise_and(bits, 0x7FFFFF)
+        mantissa.bitwise_or_(exponent.clamp(max=1).bitwise_left_shift_(23))
+        index = exponent.add_(self._bin_offsets).view(-1)
+        mantissa = mantissa.view(-1)
+        flat_bins = self.bins.view(-1)
+        if self.bins.device.type == "mps":  # no float64 there: integer scatter
+            flat_bins.index_add_(0, index.long(), mantissa.long())
+            return
+        for start in range(0, index.numel(), 1 << 28):
+            counted = torch.bincount(
+                index[start : start + (1 << 28)],
+                weights=mantissa[start : start + (1 << 28)].double(),
+                minlength=flat_bins.numel(),
+            )
+            flat_bins.add_(counted.long())
 
     def _make_views(self, size: int) -> SimpleNamespace:
         """The buffers cut to ``size`` columns, and their rows (made once per size)."""
@@ -219,26 +251,53 @@ class Tally:
 
     def result(self, numel: int, drop_rates: Sequence[float]) -> TensorStats:
         """The totals as :class:`TensorStats` in listing order (one host sync)."""
-        totals = self.totals.tolist()
-        mass = self.mass.tolist()
-        whole = sum(mass)
-        rows = []
-        for step in range(self.count - 1, -1, -1):  # listing order
-            below, kept, taken, take, survived = totals[step]
-            changed = numel - below
-            rows.append(
-                VariantStats(
-                    changed=changed,
-                    kept=kept,
-                    dropped=changed - kept,
-                    taken=taken,
-                    overwrote=take - taken,
-                    averaged=kept - take,
-                    overwritten=kept - survived,
-                    final_share=mass[step] / whole if whole > 0 else 0.0,
-                )
+        return stats_from_totals(self.totals.tolist(), self.bins.tolist(), numel, drop_rates)
+
+
+#: Mass bins per step: one per value of the float32 exponent field.
+MASS_BINS = 256
+
+
+def mass_integer(bins: Sequence[int]) -> int:
+    """The exact sum of binned float32 values, in units of 2**-149.
+
+    ``bins[e]`` is the sum of the integer mantissas (implicit bit included) of
+    values with exponent field ``e``; such a value is mantissa * 2**(max(e, 1) - 150).
+    """
+    return sum(int(total) << (max(e, 1) - 1) for e, total in enumerate(bins) if total)
+
+
+def stats_from_totals(
+    totals: Sequence[Sequence[int]],
+    bins: Sequence[Sequence[int]],
+    numel: int,
+    drop_rates: Sequence[float],
+) -> TensorStats:
+    """:class:`TensorStats` from per-step counts and mass bins (step 0 = processed first).
+
+    ``totals[s]`` holds the step's (below, kept, taken, take, survived) counts,
+    ``bins[s]`` its mass bins (see :func:`mass_integer`). Both implementations
+    of the kernel report through here.
+    """
+    mass = [mass_integer(row) for row in bins]
+    whole = sum(mass)
+    rows = []
+    for step in range(len(totals) - 1, -1, -1):  # listing order
+        below, kept, taken, take, survived = (int(x) for x in totals[step])
+        changed = numel - below
+        rows.append(
+            VariantStats(
+                changed=changed,
+                kept=kept,
+                dropped=changed - kept,
+                taken=taken,
+                overwrote=take - taken,
+                averaged=kept - take,
+                overwritten=kept - survived,
+                final_share=mass[step] / whole if whole > 0 else 0.0,
             )
-        return TensorStats(numel, tuple(drop_rates), tuple(rows))
+        )
+    return TensorStats(numel, tuple(drop_rates), tuple(rows))
 
 
 def _select_bits(mask, value, one_bits, out=None) -> torch.Tensor:
