@@ -289,6 +289,7 @@ def test_bare_tensors_exact_when_drop_rates_are_zero(merges, bare):
         "base_droprate": 0.0,
         "meaningful_change_threshold": 1e-6,
         "epsilon": 0.1,
+        "lambda": 1.0,
         "rescale": False,
         "seed": 7,
     }

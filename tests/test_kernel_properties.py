@@ -14,6 +14,7 @@ Example counts are bounded so the whole file runs in a few seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -233,7 +234,7 @@ def test_chunk_size_never_changes_a_bit(data):
 def test_without_rescale_merged_delta_is_a_convex_combination(data):
     base, variants = data.draw(merge_inputs(dtypes=[torch.float32]))
     params, drop_rate = data.draw(random_params(len(variants)))
-    params = CircuitParams(**{**params.as_dict(), "rescale": False})
+    params = dataclasses.replace(params, rescale=False)
     out = circuit_merge(base, variants, params, drop_rate=drop_rate, name="convex")
     b = base.reshape(-1).double()
     deltas = torch.stack([(v.reshape(-1) - base.reshape(-1)).double() for v in variants])

@@ -100,3 +100,65 @@ def test_merge_tensors_lambda_equals_kernel(api):
     assert torch.equal(merged, circuit_merge(base, variants, CircuitParams(seed=4, lambda_=0.5), name="w"))
     with pytest.raises(Exception, match=r"lambda must be in \(0, 10\]"):
         merge_tensors([base, *variants], "circuit", base_index=0, parameters={"lambda": 0})
+
+
+# ------------------------------------------------ through the front ends (slow)
+
+@pytest.mark.slow
+def test_per_layer_lambda_through_mergekit_yaml_and_the_command(llama_family, tmp_path):
+    """A per-layer ``lambda`` filter through mergekit-yaml, and ``--lambda`` / the
+    original script's YAML ``parameters: {lambda: ...}`` through circuit-merge."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from conftest import load_tensors
+    from mergekit_runs import Runs, check, subprocess_env
+
+    bin_dir = Path(sys.executable).parent
+    family = llama_family
+    recipe = {
+        "merge_method": "circuit",
+        "base_model": str(family.base),
+        "models": [{"model": str(path)} for path in family.variants],
+        "dtype": "float32",
+        "parameters": {"seed": 3, "lambda": [{"filter": "mlp", "value": 0.5}, {"value": 0.8}]},
+    }
+    runs = Runs(max_parallel=2)
+    runs.mergekit_yaml("per_layer", bin_dir, recipe, tmp_path / "per_layer")
+    config = tmp_path / "original.yaml"
+    config.write_text(yaml.safe_dump({
+        "base_model": str(family.base),
+        "variant_models": [str(path) for path in family.variants],
+        "output_dir": str(tmp_path / "config_out"),
+        "parameters": {"seed": 3, "lambda": 0.8},
+    }))
+    runs.command("config", [bin_dir / "circuit-merge", "--config", config, "--quiet"], tmp_path)
+    runs.command("flag", [bin_dir / "circuit-merge", str(family.base), *map(str, family.variants),
+                          str(tmp_path / "flag_out"), "--seed", "3", "--lambda", "0.8", "--quiet"],
+                 tmp_path)
+    results = runs.wait()
+    for label in ("per_layer", "config", "flag"):
+        check(results[label], label)
+
+    base = load_tensors(family.base)
+    variants = [load_tensors(path) for path in family.variants]
+    got = load_tensors(tmp_path / "per_layer")
+    for name, tensor in base.items():
+        scale = 0.5 if "mlp" in name else 0.8
+        want = circuit_merge(tensor, [v[name] for v in variants],
+                             CircuitParams(seed=3, lambda_=scale), name=name)
+        assert torch.equal(got[name], want), name
+    config_out, flag_out = load_tensors(tmp_path / "config_out"), load_tensors(tmp_path / "flag_out")
+    for name, tensor in base.items():
+        want = circuit_merge(tensor, [v[name] for v in variants],
+                             CircuitParams(seed=3, lambda_=0.8), name=name)
+        assert config_out[name].dtype == want.dtype and torch.equal(config_out[name], want), name
+        assert torch.equal(flag_out[name], config_out[name]), name
+    bad = subprocess.run(
+        [bin_dir / "circuit-merge", str(family.base), str(family.variants[0]), str(tmp_path / "bad"),
+         "--lambda", "0"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert bad.returncode == 2 and "lambda must be in (0, 10]" in bad.stderr
+    assert not (tmp_path / "bad").exists()

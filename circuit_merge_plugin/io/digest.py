@@ -26,14 +26,37 @@ DIGEST_TAG = b"circuit-merge digest v1\0"
 _READ = 1 << 20
 
 
+#: Safetensors dtype code of each torch dtype (by ``str(dtype)``: no torch import here).
+TORCH_DTYPE_CODES = {
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.float8_e4m3fn": "F8_E4M3",
+    "torch.float8_e5m2": "F8_E5M2",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+
+def record_hash(name: str, dtype: str, shape):
+    """A SHA-256 of a tensor record's header; update it with the raw bytes, then digest."""
+    encoded = name.encode("utf-8")
+    record = hashlib.sha256()
+    record.update(len(encoded).to_bytes(8, "little"))
+    record.update(encoded)
+    record.update(dtype.encode("ascii") + b"\0")
+    record.update(",".join(str(d) for d in shape).encode("ascii") + b"\0")
+    return record
+
+
 def tensor_digest(info: TensorHeader, handle) -> bytes:
     """SHA-256 of one tensor record, reading its bytes from the open file."""
-    name = info.name.encode("utf-8")
-    record = hashlib.sha256()
-    record.update(len(name).to_bytes(8, "little"))
-    record.update(name)
-    record.update(info.dtype.encode("ascii") + b"\0")
-    record.update(",".join(str(d) for d in info.shape).encode("ascii") + b"\0")
+    record = record_hash(info.name, info.dtype, info.shape)
     handle.seek(info.begin)
     remaining = info.end - info.begin
     while remaining:

@@ -1,0 +1,237 @@
+"""One trial in memory: merge with mergekit's own planner, build the model, run the eval.
+
+The merge is planned by mergekit's ``MergePlanner.plan_in_memory()`` and run by
+its ``Executor``: the same tasks as ``mergekit-yaml`` (tensor names, aliases,
+per-tensor parameters, input dtype promotion, ``dtype``/``out_dtype`` casts,
+the registered ``circuit`` method and so the kernel), minus the writer. So a
+trial's tensors are exactly what ``mergekit-yaml`` writes for the trial's
+recipe, and their digest (computed in memory with the record scheme of
+:mod:`circuit_merge_plugin.io.digest`) equals ``circuit-merge digest`` of the
+written model. mergekit's loader cache keeps every input memory-mapped
+(safetensors) for the life of the worker: each input is opened once, and a
+trial reads its pages from the page cache.
+
+The model is built from the configuration mergekit would write (the base's,
+with ``dtype``/``out_dtype``) with its weights assigned from the merged tensors
+(no copy), moved to the trial's device and handed to the eval with the base's
+tokenizer (None when the base has no tokenizer files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from circuit_merge_plugin.io.digest import TORCH_DTYPE_CODES, combine, record_hash
+from circuit_merge_plugin.search.evaluation import (
+    EvalSpec,
+    TrialFailed,
+    load_function,
+    run_command,
+    score_of,
+)
+
+#: Files that make a tokenizer (any of them present in the base: load one).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def tensors_digest(tensors: Dict[str, Any]) -> str:
+    """``circuit-merge digest`` of a model made of ``tensors`` (name -> torch tensor)."""
+    import torch
+
+    digests = {}
+    for name, tensor in tensors.items():
+        code = TORCH_DTYPE_CODES.get(str(tensor.dtype))
+        if code is None:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors code")
+        record = record_hash(name, code, tuple(tensor.shape))
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        record.update(memoryview(data.numpy()))
+        digests[name] = record.digest().hex()
+    return combine(digests)
+
+
+def _no_init():
+    """transformers' context that skips weight initialisation (both major versions)."""
+    for module, name in (
+        ("transformers.initialization", "no_init_weights"),
+        ("transformers.modeling_utils", "no_init_weights"),
+    ):
+        try:
+            return getattr(__import__(module, fromlist=[name]), name)()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
+def build_model(config, tensors: Dict[str, Any], device: str):
+    """A transformers model of ``config`` whose weights are ``tensors`` (assigned, not copied)."""
+    import torch
+    import transformers
+
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, architecture, None) if architecture else None
+    with _no_init():
+        if cls is not None and hasattr(cls, "_from_config"):
+            model = cls._from_config(config)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    missing, _unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if missing:
+        loaded = {t.data_ptr() for t in tensors.values()}
+        state = model.state_dict()
+        untied = [k for k in missing if k in state and state[k].data_ptr() not in loaded]
+        if untied:
+            raise ValueError(
+                f"the merged model lacks {len(untied)} weight(s) its class needs, e.g. {untied[0]}"
+            )
+    model.eval()
+    with torch.no_grad():
+        model.to(device)
+    return model
+
+
+class TrialRunner:
+    """Runs trials in one process; keeps the inputs memory-mapped between trials."""
+
+    def __init__(self, eval_spec: EvalSpec, *, device: Optional[str] = None, threads: Optional[int] = None):
+        import torch
+
+        import circuit_merge_plugin  # noqa: F401 - registers ``circuit`` with mergekit
+        from circuit_merge_plugin.adapters.registration import register_entry_points
+
+        register_entry_points()
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.eval_spec = eval_spec
+        self.function = None if eval_spec.needs_model_files else load_function(eval_spec)
+        self._tokenizers: Dict[str, Any] = {}
+        self.where = f"{socket.gethostname()}:{os.getpid()}:{device}"
+
+    # -------------------------------------------------------------- merge
+
+    def merge(self, recipe: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
+        """``(tensors by name, output config)`` of the recipe, as mergekit-yaml computes them."""
+        from mergekit.architecture import get_architecture_info
+        from mergekit.common import dtype_from_name
+        from mergekit.config import MergeConfiguration
+        from mergekit.graph import Executor
+        from mergekit.io.tasks import LoaderCache
+        from mergekit.merge import _model_out_config
+        from mergekit.options import MergeOptions
+        from mergekit.plan import MergePlanner
+
+        config = MergeConfiguration.model_validate(recipe)
+        options = MergeOptions(device=self.device, quiet=True, copy_tokenizer=False,
+                               write_model_card=False)
+        LoaderCache().setup(options=options)
+        arch_info = get_architecture_info(config, options)
+        out_config = _model_out_config(config, arch_info, trust_remote_code=False)
+        # The planner's tensor tasks, as plan_to_disk() hands them to SaveTensor
+        # (plan_in_memory()'s ReturnTensor refuses 0.1.5's Optional-typed tasks).
+        planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+        planner._plan()
+        planned = list(planner._tensors)
+        executor = Executor([task for _, task in planned], math_device=self.device,
+                            storage_device=self.device)
+        values = dict(executor.run(quiet=True))
+        tensors = {}
+        for weight, task in planned:
+            value = values.get(task)
+            if value is None:
+                if not weight.optional:
+                    raise RuntimeError(f"no value for required tensor {weight.name}")
+                continue
+            dtype = weight.force_dtype or config.out_dtype  # SaveTensor's cast
+            if dtype:
+                value = value.to(dtype=dtype_from_name(dtype))
+            tensors[weight.name] = value
+        return tensors, out_config
+
+    def tokenizer(self, base: str):
+        if base not in self._tokenizers:
+            directory = Path(base)
+            tokenizer = None
+            if directory.is_dir() and any((directory / f).exists() for f in _TOKENIZER_FILES):
+                import transformers
+
+                tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
+            self._tokenizers[base] = tokenizer
+        return self._tokenizers[base]
+
+    # -------------------------------------------------------------- one trial
+
+    def run(self, recipe: Dict[str, Any]) -> Dict[str, Any]:
+        """Merge, digest and evaluate; a dict with ``score`` or ``error`` (never raises
+        for a failing eval or merge: the search goes on)."""
+        started = time.perf_counter()
+        result: Dict[str, Any] = {"where": self.where}
+        try:
+            tensors, out_config = self.merge(recipe)
+            result["digest"] = tensors_digest(tensors)
+            result["merge_s"] = round(time.perf_counter() - started, 4)
+            evaluated = time.perf_counter()
+            if self.eval_spec.needs_model_files:
+                score, extras = self._run_command(recipe, tensors, out_config), {}
+            else:
+                model = build_model(out_config, tensors, self.device)
+                del tensors
+                try:
+                    raw = self.function(model, self.tokenizer(recipe["base_model"]))
+                except Exception as error:  # noqa: BLE001 - the user's eval: recorded
+                    raise TrialFailed(f"eval raised {type(error).__name__}: {error}") from None
+                score, extras = score_of(raw)
+            result["eval_s"] = round(time.perf_counter() - evaluated, 4)
+            result["score"] = score
+            result["extras"] = extras
+        except TrialFailed as error:
+            result["error"] = _one_line(str(error))
+        except Exception as error:  # noqa: BLE001 - the merge itself failed: recorded
+            tail = traceback.extract_tb(error.__traceback__)[-1:]
+            where = f" ({Path(tail[0].filename).name}:{tail[0].lineno})" if tail else ""
+            result["error"] = _one_line(f"merge failed: {type(error).__name__}: {error}{where}")
+        result["wall_s"] = round(time.perf_counter() - started, 4)
+        return result
+
+    def _run_command(self, recipe, tensors, out_config) -> float:
+        from safetensors.torch import save_file
+
+        directory = tempfile.mkdtemp(prefix="circuit-search-model-")
+        try:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+                      os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+            out_config.save_pretrained(directory)
+            base = Path(recipe["base_model"])
+            for name in _TOKENIZER_FILES:
+                if (base / name).is_file():
+                    shutil.copy2(base / name, os.path.join(directory, name))
+            return run_command(self.eval_spec.command, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _one_line(text: str) -> str:
+    lines = [line for line in str(text).strip().splitlines() if line.strip()]
+    return lines[0][:500] if lines else "failed"
