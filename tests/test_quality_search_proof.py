@@ -69,3 +69,20 @@ def test_comparison_is_paired_per_training_seed_against_the_best_mergekit_mean()
     assert S.compare(chosen, quality, ["replay"], [0, 1])["replay"]["target_met"] is True
     chosen["replay-1"]["test_mean"] = 75.9
     assert S.compare(chosen, quality, ["replay"], [0, 1])["replay"]["target_met"] is False
+
+
+def test_both_families_pairs_every_family_and_seed():
+    comparison = {
+        kind: {"rows": [
+            {"name": S.SEARCH_ROW, "kind": "search", "mean": base + 2,
+             "search_minus_this": {"per_seed": [0.0, 0.0]}},
+            {"name": "ties (tuned on val)", "kind": "mergekit", "mean": base,
+             "search_minus_this": {"per_seed": [1.0 + shift, 3.0 + shift]}},
+        ]}
+        for kind, base, shift in (("replay", 70.0, 0.0), ("forget", 60.0, -4.0))
+    }
+    both = S.both_families(comparison)
+    ties = both["rows"][1]
+    assert ties["by_kind"] == {"replay": 70.0, "forget": 60.0} and ties["mean"] == 65.0
+    assert ties["search_minus_this"]["per_pair"] == [1.0, 3.0, -3.0, -1.0]
+    assert ties["search_minus_this"]["mean"] == 0.0 and ties["search_minus_this"]["min"] == -3.0

@@ -229,6 +229,24 @@ def compare(chosen: Dict[str, dict], quality: dict, kinds, seeds) -> dict:
     return out
 
 
+def both_families(comparison: dict) -> dict:
+    """Every row present in every family: the mean of the families' means, and
+    the search minus the row paired over every (family, training seed)."""
+    kinds = list(comparison)
+    names = [r["name"] for r in comparison[kinds[0]]["rows"]
+             if all(any(x["name"] == r["name"] for x in comparison[k]["rows"]) for k in kinds)]
+    rows = []
+    for name in names:
+        per_kind = {k: next(r for r in comparison[k]["rows"] if r["name"] == name) for k in kinds}
+        diffs = [d for k in kinds for d in per_kind[k]["search_minus_this"]["per_seed"]]
+        rows.append({"name": name, "kind": per_kind[kinds[0]]["kind"],
+                     "by_kind": {k: per_kind[k]["mean"] for k in kinds},
+                     "mean": statistics.fmean(per_kind[k]["mean"] for k in kinds),
+                     "search_minus_this": {"mean": statistics.fmean(diffs), "per_pair": diffs,
+                                           "min": min(diffs)}})
+    return {"kinds": kinds, "rows": rows}
+
+
 def describe(entry: dict) -> str:
     s = entry["settings"]
     return (f"{' > '.join(entry['order'])}, T={s['temperature']:.2f} bd={s['base_droprate']:.2f} "
@@ -279,6 +297,22 @@ def render(result: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{row['by_family'][f]:.1f}" for f in table["families"])
                          + f" | {row['mean']:.1f} | {diff} |")
         lines.append("")
+    both = result["both"]
+    lines += [
+        "### Both families",
+        "",
+        "Mean of the two families' means; the difference is paired over all six (family, training "
+        "seed) pairs.",
+        "",
+        "| method | " + " | ".join(both["kinds"]) + " | mean | search - this (paired) |",
+        "|---|" + "---:|" * (len(both["kinds"]) + 2),
+    ]
+    for row in both["rows"]:
+        name = f"**{row['name']}**" if row["kind"] == "search" else row["name"]
+        diff = "" if row["kind"] == "search" else f"{row['search_minus_this']['mean']:+.1f}"
+        lines.append(f"| {name} | " + " | ".join(f"{row['by_kind'][k]:.1f}" for k in both["kinds"])
+                     + f" | {row['mean']:.1f} | {diff} |")
+    lines.append("")
     lines += [
         "### The chosen settings (validation)",
         "",
@@ -389,6 +423,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         },
         "chosen": chosen,
         "comparison": comparison,
+        "both": both_families(comparison),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")
