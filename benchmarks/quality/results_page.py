@@ -536,8 +536,9 @@ def _charts(out: Path, a: dict, context: dict) -> List[str]:
         for i, t in enumerate(temps):
             for j, d in enumerate(drops):
                 if (t, d) in cells:
+                    bright = data[i, j] > np.nanmin(data) + 0.6 * (np.nanmax(data) - np.nanmin(data))
                     ax.text(j, i, f"{data[i, j]:.1f}\nλ={cells[(t, d)]['settings']['lambda']:g}", ha="center",
-                            va="center", color="white", fontsize=8)
+                            va="center", color="black" if bright else "white", fontsize=8)
         fig.colorbar(im, ax=ax, label="validation mean acc (%)")
         ax.set_title("circuit: best lambda per cell, both families (validation)", fontsize=9)
         fig.tight_layout()

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python -m benchmarks.quality.run            # default: ~20 min wall + ~22 min training (2 busy shared cores)
+    .venv/bin/python -m benchmarks.quality.run            # default: ~17 min wall + ~22 min training (2 busy shared cores)
     .venv/bin/python -m benchmarks.quality.run --tiny     # end to end in ~2 minutes
 
 Steps (all cached under ``benchmarks/quality/.cache``):
