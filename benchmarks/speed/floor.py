@@ -148,6 +148,8 @@ def markdown(results: Dict) -> str:
         f"{m['elements']:,} float32 elements x {m['variants']} variants, {m['threads']} threads, "
         f"medians of {m['rounds']} alternating rounds (one process).",
         "",
+        "<!-- --8<-- [start:speeds] -->",
+        "",
         "| case | ns / element / variant | ratio to the floor |",
         "|---|---:|---:|",
     ]
@@ -161,14 +163,16 @@ def markdown(results: Dict) -> str:
         target = TARGETS.get(name)
         verdict = "" if target is None else (f"<= {target} " + ("(met)" if value <= target else "(missed)"))
         lines.append(f"| {name} | {value:.2f} | {verdict} |")
+    lines += ["", "<!-- --8<-- [end:speeds] -->"]
     cost = results.get("compile")
     if cost:
-        lines += ["", "First calls of the fused kernel in a fresh process (float32; seconds):", "",
+        lines += ["", "<!-- --8<-- [start:compile] -->", "", "First calls of the fused kernel in a fresh process (float32; seconds):", "",
                   "| numba cache | import kernel | first merge | first counting merge (T=0.5) | second merge |",
                   "|---|---:|---:|---:|---:|"]
         for label, row in cost.items():
             lines.append(f"| {label} | {row['import_s']:.2f} | {row['first_merge_s']:.2f} | "
                          f"{row['first_counting_s']:.2f} | {row['second_merge_s']:.3f} |")
+        lines += ["", "<!-- --8<-- [end:compile] -->"]
     return "\n".join(lines) + "\n"
 
 
