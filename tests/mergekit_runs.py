@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-import torch
 import yaml
 
 
@@ -114,6 +113,3 @@ def check(result: Finished, what: str) -> None:
         )
 
 
-def raw_bytes(tensor: torch.Tensor) -> bytes:
-    """The tensor's storage bytes (so -0.0 != 0.0 and NaN payloads count)."""
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

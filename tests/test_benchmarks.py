@@ -47,6 +47,7 @@ def test_recipes_read_the_same_inputs(tmp_path):
     assert workloads.recipe("circuit", family, 2, seed=9)["parameters"] == {"seed": 9}
 
 
+@pytest.mark.slow
 def test_benchmark_command_tiny_end_to_end(tmp_path, api):
     if api != "0.1.5":
         # The kernel part calls mergekit 0.1.5's della/ties merge_group in process.

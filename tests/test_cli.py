@@ -28,6 +28,7 @@ from circuit_merge_plugin.core.kernel import circuit_merge, circuit_merge_with_s
 from circuit_merge_plugin.core.params import CircuitParams
 from circuit_merge_plugin.insight.report import check_report, load_report
 from conftest import load_tensors
+from circuit_merge_plugin.core.exact import same_bytes
 from mergekit_runs import subprocess_env
 
 CLI = Path(sys.executable).parent / "circuit-merge"
@@ -47,14 +48,10 @@ def cli(*args, cwd=None, timeout=120, executable=CLI) -> subprocess.CompletedPro
     )
 
 
-def tensor_bytes(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def assert_same_tensor(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
     assert actual.dtype == expected.dtype, name
     assert actual.shape == expected.shape, name
-    assert tensor_bytes(actual) == tensor_bytes(expected), f"tensor {name} differs"
+    assert same_bytes(actual, expected), f"tensor {name} differs"
 
 
 # ---------------------------------------------------------------- inputs
@@ -232,6 +229,7 @@ def _api() -> str:
 # ---------------------------------------------------------------- merges
 
 
+@pytest.mark.slow
 def test_sigterm_midway_leaves_nothing(merges):
     """Interrupted after shards were written: no OUTPUT, no temporary directory."""
     out = merges.root / "killed"
@@ -253,6 +251,7 @@ def test_sigterm_midway_leaves_nothing(merges):
     assert not list(merges.root.glob(".killed*"))
 
 
+@pytest.mark.slow
 def test_bare_tensors_exact_when_drop_rates_are_zero(merges, bare):
     """Two variants and base_droprate 0: every drop rate is 0, results are exact.
 
@@ -310,6 +309,7 @@ def test_bare_tensors_exact_when_drop_rates_are_zero(merges, bare):
     assert "only_v2" not in report["tensors"]  # copied, not merged
 
 
+@pytest.mark.slow
 def test_flag_and_config_forms_give_the_same_bytes(merges):
     flags, config = ok(merges.result("flags")), ok(merges.result("config"))
     assert flags.stdout == "" and config.stdout == ""  # --quiet
@@ -330,6 +330,7 @@ def test_flag_and_config_forms_give_the_same_bytes(merges):
     assert not (b / "circuit_merge_report.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not OTHER_PYTHON, reason="CIRCUIT_OTHER_PYTHON not set (.ci/test sets it)")
 def test_same_digest_under_the_other_mergekit(merges):
     if "other" not in merges.processes:
@@ -339,6 +340,7 @@ def test_same_digest_under_the_other_mergekit(merges):
     assert digest_directory(merges.root / "other") == digest_directory(merges.root / "llama")
 
 
+@pytest.mark.slow
 def test_transformers_model_goes_through_mergekit_planner(merges, llama_family):
     result = ok(merges.result("llama"))
     out = merges.root / "llama"
@@ -373,6 +375,7 @@ def test_transformers_model_goes_through_mergekit_planner(merges, llama_family):
     assert model.config.num_hidden_layers == 2
 
 
+@pytest.mark.slow
 def test_selftest_prints_the_side_by_side_view(merges):
     result = ok(merges.result("selftest"))
     text = result.stdout
@@ -457,6 +460,7 @@ def test_usage_errors_exit_2(bare, tmp_path):
         assert flag in helped.stdout, flag
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_a_gpu_is_refused(bare, tmp_path):
     result = cli(bare / "base", bare / "v1", tmp_path / "o", "--cuda")
@@ -609,6 +613,7 @@ def added_tokens(llama_family, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_tokenizer_source_aligns_added_tokens_and_without_it_the_refusal_says_so(
         llama_family, added_tokens, tmp_path):
     base, v1 = llama_family.base, llama_family.variants[0]

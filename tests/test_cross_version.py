@@ -22,7 +22,8 @@ from circuit_merge_plugin.core.kernel import circuit_merge
 from circuit_merge_plugin.core.params import CircuitParams
 from circuit_merge_plugin.insight.report import check_report, load_report
 from conftest import load_tensors
-from mergekit_runs import Runs, check, raw_bytes, subprocess_env
+from circuit_merge_plugin.core.exact import same_bytes
+from mergekit_runs import Runs, check, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -115,7 +116,7 @@ def test_byte_identical_across_mergekit_versions(llama_family, qwen_family, tmp_
             for key in here
             if here[key].dtype != other[key].dtype
             or here[key].shape != other[key].shape
-            or raw_bytes(here[key]) != raw_bytes(other[key])
+            or not same_bytes(here[key], other[key])
         ]
         assert not different, (
             f"{name}: mergekit {versions['here']} and {versions['other']} differ in "

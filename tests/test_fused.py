@@ -31,8 +31,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 SHAPES = [(), (0,), (1,), (5,), (3, 7), (2, 0, 3), (257,), (33, 31)]
 
 
-def _bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+from circuit_merge_plugin.core.exact import tensor_bytes as _bytes
 
 
 def _both(monkeypatch, base, variants, params, threads, **kwargs):

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from circuit_merge_plugin.core.kernel import calculate_p, circuit_merge, drop_rates
+from circuit_merge_plugin.core.exact import same_bytes
 from circuit_merge_plugin.core.params import CircuitParams
 from circuit_merge_plugin.core.rng import stream_key, uniform
 
@@ -61,15 +62,6 @@ def merge(base, variants, *, seed=1234, drop_rate=None, name="w", positions=None
     if chunk_size is not None:
         kwargs["chunk_size"] = chunk_size
     return circuit_merge(base, variants, CircuitParams(seed=seed, **params), **kwargs)
-
-
-def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    return torch.equal(
-        a.contiguous().reshape(-1).view(torch.uint8),
-        b.contiguous().reshape(-1).view(torch.uint8),
-    )
 
 
 def assert_rel_close(got: torch.Tensor, expected, rtol: float) -> None:

@@ -17,11 +17,8 @@ import pytest
 import torch
 
 import circuit_merge_plugin.core.kernel as kernel
+from circuit_merge_plugin.core.exact import same_bytes
 from circuit_merge_plugin.core.params import CircuitParams
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _inputs(kind, dtype, n, variants, seed):
@@ -60,7 +57,7 @@ def test_bit_select_path_equals_general_path(monkeypatch, kind, dtype, params):
     fast = kernel.circuit_merge(base, variants, p, name="w", chunk_size=1000)
     monkeypatch.setattr(kernel, "_FAST_MAGNITUDE_LIMIT", 0.0)  # force the general path
     general = kernel.circuit_merge(base, variants, p, name="w", chunk_size=777)
-    assert torch.equal(_bits(fast), _bits(general))
+    assert same_bytes(fast, general)
 
 
 def test_drop_rate_overrides_and_positions_on_both_paths(monkeypatch):
@@ -69,7 +66,7 @@ def test_drop_rate_overrides_and_positions_on_both_paths(monkeypatch):
     kwargs = dict(drop_rate=[0.9, None, 0.2], positions=[4, 0, 7], name="x")
     fast = kernel.circuit_merge(base, variants, p, **kwargs)
     monkeypatch.setattr(kernel, "_FAST_MAGNITUDE_LIMIT", 0.0)
-    assert torch.equal(_bits(fast), _bits(kernel.circuit_merge(base, variants, p, **kwargs)))
+    assert same_bytes(fast, kernel.circuit_merge(base, variants, p, **kwargs))
 
 
 def test_default_chunk_size_depends_on_device_only():

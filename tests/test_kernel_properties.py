@@ -22,6 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from circuit_merge_plugin.core.exact import same_bytes
 from circuit_merge_plugin.core.kernel import circuit_merge
 from circuit_merge_plugin.core.params import CircuitParams
 
@@ -223,10 +224,7 @@ def test_chunk_size_never_changes_a_bit(data):
     for chunk in {1, data.draw(st.integers(1, numel + 2)), numel}:
         out = circuit_merge(base, variants, params, drop_rate=drop_rate, name=name, chunk_size=chunk)
         assert out.dtype == reference.dtype and out.shape == reference.shape
-        assert torch.equal(
-            out.reshape(-1).view(torch.uint8) if out.dim() else out.reshape(1).view(torch.uint8),
-            reference.reshape(-1).view(torch.uint8),
-        ), chunk
+        assert same_bytes(out, reference), chunk
 
 
 @settings(max_examples=60, **SETTINGS)

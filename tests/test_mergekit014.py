@@ -62,6 +62,7 @@ def merges(api, tmp_path_factory):
     return root, runs.wait()
 
 
+@pytest.mark.slow
 def test_importing_the_adapter_first_still_registers(merges):
     results = merges[1]
     check(results["import_first"], "import circuit_merge_plugin.adapters.mergekit_014 first")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from circuit_merge_plugin.core.exact import same_bytes
 from circuit_merge_plugin.core.kernel import circuit_merge
 from circuit_merge_plugin.core.params import CircuitParams
 from conftest import load_tensors
@@ -191,8 +192,7 @@ def assert_same_tensors(actual, expected):
     mismatched = [
         name
         for name in expected
-        if actual[name].dtype != expected[name].dtype
-        or not torch.equal(actual[name], expected[name])
+        if not same_bytes(actual[name], expected[name])
     ]
     assert not mismatched, f"tensors differ from the kernel: {mismatched[:5]}"
 

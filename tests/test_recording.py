@@ -231,6 +231,7 @@ def test_inside_a_click_command(tmp_path, ending, finished):
     assert path not in report_writer._pending
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fails", [False, True])
 def test_outside_click_the_interpreter_exit_decides(tmp_path, fails):
     """A Python program: finished at normal exit, not after an uncaught exception."""

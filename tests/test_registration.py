@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_mergekit_yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +42,7 @@ def python(code: str, *, executable: str = sys.executable, env_extra=None, check
     return result
 
 
+@pytest.mark.slow
 def test_registered_without_any_user_import():
     result = python("from mergekit import merge_methods; " + REGISTERED.replace("\n", "\n"))
     assert "circuit-count 1" in result.stdout
@@ -57,6 +57,7 @@ def test_start_up_imports_neither_torch_nor_mergekit():
     assert result.stdout.strip() == "['circuit_merge_plugin']"
 
 
+@pytest.mark.slow
 def test_registration_is_idempotent():
     code = textwrap.dedent(
         """
@@ -87,6 +88,7 @@ def other_plugins(tmp_path):
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
 
 
+@pytest.mark.slow
 def test_shared_group_and_broken_plugin_only_warn(other_plugins):
     result = python("import mergekit.merge_methods\n" + REGISTERED, env_extra=other_plugins)
     assert "circuit-count 1" in result.stdout

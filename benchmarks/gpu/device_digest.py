@@ -72,10 +72,7 @@ def _inputs(dtype, numel, variants, kind, seed):
     return base.to(dtype), out
 
 
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a = a.contiguous().reshape(-1).view(torch.uint8)
-    b = b.contiguous().reshape(-1).view(torch.uint8)
-    return a.shape == b.shape and torch.equal(a, b)
+from circuit_merge_plugin.core.exact import same_bytes as _same_bytes
 
 
 def _cpu_merge(implementation: str, *args, **kwargs):

@@ -201,8 +201,9 @@ class Merger:
 
 def same_tensors(a: Path, b: Path) -> bool:
     """Whether two model directories hold bit-identical tensors."""
-    import torch
     from safetensors.torch import load_file
+
+    from circuit_merge_plugin.core.exact import same_bytes
 
     def load(directory):
         state = {}
@@ -212,5 +213,5 @@ def same_tensors(a: Path, b: Path) -> bool:
 
     left, right = load(a), load(b)
     return left.keys() == right.keys() and all(
-        torch.equal(left[k], right[k]) for k in left
+        same_bytes(left[k], right[k]) for k in left
     )

@@ -162,7 +162,6 @@ def best_trial(records: List[dict]) -> dict:
 
 def score_chosen(family, best: dict, merger, merge_seeds: Sequence[int], workdir: Path) -> dict:
     """The chosen setting through mergekit-yaml, scored like the benchmark's selected methods."""
-    from benchmarks.quality import tasks as T
     from benchmarks.quality.merging import Recipe
     from benchmarks.quality.models import load_weights, new_model
     from benchmarks.quality.run import family_settings

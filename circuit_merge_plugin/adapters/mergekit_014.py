@@ -26,7 +26,6 @@ seeds beyond 2**53, which the float parse cannot have kept exact.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch

@@ -108,12 +108,14 @@ def _merge_task(method, name, inputs, base_ref, variant_refs, params, overrides)
     from mergekit.architecture import WeightInfo
     from mergekit.common import ImmutableMap
 
-    try:
+    from circuit_merge_plugin.adapters.methods import API_015, mergekit_api
+
+    if mergekit_api() == API_015:
         from mergekit.merge_methods.task_adapter import (
             ExecuteMergeMethodTask,
             TensorDictWrapper,
         )
-    except ImportError:  # mergekit 0.1.4: methods make their own tasks
+    else:  # mergekit 0.1.4: methods make their own tasks
         ExecuteMergeMethodTask = None
         from mergekit.merge_methods.base import TensorDictWrapper
 

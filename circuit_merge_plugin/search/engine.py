@@ -20,11 +20,9 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from circuit_merge_plugin.search import outputs
 from circuit_merge_plugin.search.evaluation import EvalSpec
