@@ -12,7 +12,7 @@ import re
 import tempfile
 import threading
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 REPORT_FILE = "circuit_merge_report.json"
 FORMAT = "circuit-merge-report"
@@ -51,8 +51,9 @@ def _process_umask() -> int:
         return _umask
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory.
+def write_atomically(path: Path, data: Union[str, bytes]) -> None:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` through a temporary
+    file in the same directory.
 
     Readers see the old file or the new one, never a partial one; the file gets
     the permissions an ordinary ``open(path, "w")`` would give it.
@@ -60,8 +61,8 @@ def write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.chmod(temp, 0o666 & ~_process_umask())
         os.replace(temp, path)
     except BaseException:

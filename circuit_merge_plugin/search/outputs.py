@@ -372,22 +372,5 @@ def write_summary(out: str, recipe: Recipe, records: Sequence[dict], settings, r
         return
     pngs = render_charts(recipe, records)
     for name, data in pngs.items():
-        _write_bytes_atomically(directory / name, data)
+        write_atomically(directory / name, data)
     write_atomically(directory / HTML, html_text(recipe, records, pngs))
-
-
-def _write_bytes_atomically(path: Path, data: bytes) -> None:
-    import tempfile
-
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
