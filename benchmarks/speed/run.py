@@ -37,7 +37,7 @@ report    the cost of the contribution report (recipe ``report: PATH``):
 
 Results: ``<out>/<name>.md`` (tables + machine description), ``<name>.png``
 (chart), ``<name>.json`` (raw numbers); defaults ``benchmarks/speed/results/benchmark``.
-Generated models are cached in ``benchmarks/.cache`` (git-ignored).
+Generated models are cached in ``benchmarks/speed/.cache`` (git-ignored).
 """
 
 from __future__ import annotations

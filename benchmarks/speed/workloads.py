@@ -5,7 +5,7 @@ power of two, intermediate = 2.6875 x hidden as in Llama's 512/1376 ratio,
 enough layers to reach the size); the tokenizer's vocabulary is tiny, so nearly
 all parameters are in the attention and MLP matrices. Families are generated
 once by :func:`circuit_merge_plugin.demo.toymodels.build_family` and cached under
-``benchmarks/.cache`` (git-ignored).
+``benchmarks/speed/.cache`` (git-ignored).
 """
 
 from __future__ import annotations
