@@ -190,6 +190,36 @@ def score_chosen(family, best: dict, merger, merge_seeds: Sequence[int], workdir
     return out
 
 
+def ceiling_on_test(family, records: List[dict], merger, count: int, workdir: Path) -> dict:
+    """Diagnosis only, never selection: the ``count`` best trials on validation,
+    each merged at its own merge seed and scored on test.
+
+    The best of them on test is an optimistic bound on what any rule that picks
+    one of these trials could reach; it says whether the target is within the
+    searched space at all.
+    """
+    from benchmarks.quality.merging import Recipe
+    from benchmarks.quality.models import load_weights, new_model
+    from benchmarks.quality.run import family_settings
+
+    task_of = {str(Path(p).resolve()): t for t, p in family.experts.items()}
+    template = new_model(family_settings(False)[family.kind], 0)
+    ok = sorted((r for r in records if r.get("status") == "ok"), key=lambda r: (-r["score"], r["trial"]))
+    scored = []
+    for record in ok[:count]:
+        order = tuple(task_of[str(Path(p).resolve())] for p in record["order"])
+        params = record["parameters"]
+        settings = tuple((name, float(params[name])) for name in ("temperature", "base_droprate", "lambda"))
+        merged = merger.merge(Recipe("circuit", order, settings, (), int(record["seed"])), family.base,
+                              family.experts, workdir / "current")
+        test = _evaluator("test", TEST_EXAMPLES)(load_weights(template, merged))
+        scored.append({"trial": record["trial"], "val": record["score"],
+                       "test": 100.0 * statistics.fmean(test.values())})
+    best = max(scored, key=lambda s: s["test"])
+    return {"count": len(scored), "trials": scored, "best_test": best["test"], "best_trial": best["trial"],
+            "val_rank_of_best": scored.index(best) + 1}
+
+
 # ---------------------------------------------------------------- step 3
 
 SEARCH_ROW = "circuit search (best of the trials on val)"
@@ -324,9 +354,45 @@ def render(result: dict) -> str:
             f"| {fid} | {entry['trials']} | {describe(entry)} (trial {entry['best_trial']}) | "
             f"{entry['val_score']:.1f} | {entry['val_trial_1']:.1f} | "
             + ", ".join(f"{v['mean']:.1f}" for v in entry["test"].values()) + " |")
+    lines += ceiling_section(result)
     lines += ["", "Search command per family (`<runs>` = "
               f"`{ctx['runs']}`): `{next(iter(result['chosen'].values()))['command']}`", ""]
     return "\n".join(lines)
+
+
+def ceiling_section(result: dict) -> List[str]:
+    """The diagnosis table (``--ceiling``): is the target inside the searched space at all?"""
+    entries = {f: c for f, c in result["chosen"].items() if "ceiling" in c}
+    if not entries:
+        return []
+    count = next(iter(entries.values()))["ceiling"]["count"]
+    lines = [
+        "",
+        f"### Diagnosis: the best of the {count} best trials on validation, scored on test",
+        "",
+        f"Read for diagnosis only, after the choice above: each family's {count} best trials on "
+        "validation, merged at their own merge seed (0) and scored on test. The best of them on test "
+        "is an optimistic bound (it picks with the test split) on what any rule choosing among the "
+        "search's trials could reach. Chosen = the search's choice at merge seed 0.",
+        "",
+        "| family | best mergekit method (test) | search: chosen (test, merge seed 0) | "
+        f"best of the top {count} on test | its validation rank | bound - best mergekit |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    by_kind: Dict[str, List[float]] = {}
+    for fid, entry in entries.items():
+        table = result["comparison"][entry["kind"]]
+        best_mk = next(r for r in table["rows"] if r["name"] == table["best_mergekit"])
+        reference = best_mk["by_family"][fid]
+        ceiling = entry["ceiling"]
+        by_kind.setdefault(entry["kind"], []).append(ceiling["best_test"] - reference)
+        lines.append(f"| {fid} | {reference:.1f} ({table['best_mergekit']}) | "
+                     f"{entry['test']['0']['mean']:.1f} | {ceiling['best_test']:.1f} | "
+                     f"{ceiling['val_rank_of_best']} | {ceiling['best_test'] - reference:+.1f} |")
+    lines.append("")
+    lines.append("Bound minus the best mergekit method, mean over training seeds: "
+                 + "; ".join(f"{kind} {statistics.fmean(v):+.1f}" for kind, v in by_kind.items()) + ".")
+    return lines
 
 
 def machine_description() -> str:
@@ -349,6 +415,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--trials", type=int, default=64, help="trial budget per family and training seed")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0)
     parser.add_argument("--report", action="store_true", help="no new trials: score and write from finished searches")
+    parser.add_argument("--ceiling", type=int, default=0, metavar="K",
+                        help="diagnosis only: also score the K best trials on validation on test (their "
+                             "best is an optimistic bound for any rule that picks among the trials)")
     parser.add_argument("--machine", default=None)
     args = parser.parse_args(argv)
     started = time.time()
@@ -398,6 +467,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             }
             log(f"{family.id}: chosen trial {best['trial']} val {best['score']:.2f}, "
                 f"test {scored['test_mean']:.2f}")
+            if args.ceiling:
+                chosen[family.id]["ceiling"] = ceiling_on_test(family, records, merger, args.ceiling,
+                                                               runs / "merges")
+                log(f"{family.id}: best of the top {args.ceiling} on test: "
+                    f"{chosen[family.id]['ceiling']['best_test']:.2f}")
     finally:
         merger.close()
 

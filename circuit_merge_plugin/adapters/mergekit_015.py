@@ -45,22 +45,12 @@ def _validated(name: str) -> Any:
 
 
 def _spec_parameters():
-    for info in GLOBAL_PARAMETERS + OUTPUT_PARAMETERS:
-        yield ParameterSpec(
-            info.name,
-            _validated(info.name),
-            ParameterScope.SHARED,
-            default=info.default,
-            description=info.meaning,
-        )
-    for info in VARIANT_PARAMETERS:
-        yield ParameterSpec(
-            info.name,
-            _validated(info.name),
-            ParameterScope.NON_BASE,
-            default=info.default,
-            description=info.meaning,
-        )
+    scopes = ((GLOBAL_PARAMETERS + OUTPUT_PARAMETERS, ParameterScope.SHARED),
+              (VARIANT_PARAMETERS, ParameterScope.NON_BASE))
+    for table, scope in scopes:
+        for info in table:
+            yield ParameterSpec(info.name, _validated(info.name), scope,
+                                default=info.default, description=info.meaning)
 
 
 class CircuitMerge(GroupMergeMethod):

@@ -29,20 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from circuit_merge_plugin.io.inputs import ModelDir
 from circuit_merge_plugin.core.kernel import drop_rates
 from circuit_merge_plugin.core.params import CircuitParams
+from circuit_merge_plugin.io.digest import TORCH_DTYPE_CODES
 from circuit_merge_plugin.io.headers import FLOAT_DTYPES, TensorHeader
-
-_TORCH_TO_ST = {
-    "torch.float32": "F32",
-    "torch.float16": "F16",
-    "torch.bfloat16": "BF16",
-    "torch.float64": "F64",
-    "torch.int64": "I64",
-    "torch.int32": "I32",
-    "torch.int16": "I16",
-    "torch.int8": "I8",
-    "torch.uint8": "U8",
-    "torch.bool": "BOOL",
-}
 
 
 def load_pickle_headers(model: ModelDir) -> None:
@@ -69,7 +57,7 @@ def load_pickle_headers(model: ModelDir) -> None:
                     f"{model.role} {model.given}: tensor {name!r} is in both "
                     f"{model.tensors[name].file.name} and {path.name}"
                 )
-            dtype = _TORCH_TO_ST.get(str(tensor.dtype), str(tensor.dtype))
+            dtype = TORCH_DTYPE_CODES.get(str(tensor.dtype), str(tensor.dtype))
             model.tensors[name] = TensorHeader(path, name, dtype, tuple(tensor.shape), 0, 0)
     if not model.tensors:
         raise ValueError(f"{model.role} {model.given}: its checkpoints hold no tensors")
