@@ -86,3 +86,33 @@ def test_both_families_pairs_every_family_and_seed():
     assert ties["by_kind"] == {"replay": 70.0, "forget": 60.0} and ties["mean"] == 65.0
     assert ties["search_minus_this"]["per_pair"] == [1.0, 3.0, -3.0, -1.0]
     assert ties["search_minus_this"]["mean"] == 0.0 and ties["search_minus_this"]["min"] == -3.0
+
+
+def test_ceiling_takes_the_best_validation_trials_and_reports_the_best_on_test():
+    records = [_record(1, 70.0), _record(2, 74.0), _record(3, None, "failed"), _record(4, 74.0),
+               _record(5, 71.0)]
+    assert [r["trial"] for r in S.top_by_validation(records, 3)] == [2, 4, 5]
+    assert [r["trial"] for r in S.top_by_validation(records, 10)] == [2, 4, 5, 1]
+    scored = [{"trial": 2, "val": 74.0, "test": 71.0}, {"trial": 4, "val": 74.0, "test": 73.5},
+              {"trial": 5, "val": 71.0, "test": 73.5}]
+    summary = S.summarize_ceiling(scored)
+    assert (summary["best_test"], summary["best_trial"], summary["val_rank_of_best"]) == (73.5, 4, 2)
+    assert summary["count"] == 3
+
+
+def test_ceiling_section_subtracts_the_best_mergekit_method_per_family():
+    rows = [{"name": "ties (tuned on val)", "kind": "mergekit", "by_family": {"replay-0": 78.0, "replay-1": 75.0}}]
+    comparison = {"replay": {"rows": rows, "best_mergekit": "ties (tuned on val)"}}
+    chosen = {f"replay-{s}": {"kind": "replay", "test": {"0": {"mean": 76.0 + s}},
+                              "ceiling": {"count": 8, "best_test": best, "val_rank_of_best": rank}}
+              for s, best, rank in ((0, 78.5, 3), (1, 74.0, 1))}
+    lines = S.ceiling_section({"chosen": chosen, "comparison": comparison})
+    assert lines[1] == "### Diagnosis: the 8 best trials on validation of each search, scored on test"
+    chosen["replay-0"]["trials"] = chosen["replay-1"]["trials"] = 8
+    assert S.ceiling_section({"chosen": chosen, "comparison": comparison})[1] == (
+        "### Diagnosis: all 8 trials of each search, scored on test")
+    table = [line for line in lines if line.startswith("| replay-")]
+    assert table == ["| replay-0 | 78.0 (ties (tuned on val)) | 76.0 | 78.5 | 3 | +0.5 |",
+                     "| replay-1 | 75.0 (ties (tuned on val)) | 77.0 | 74.0 | 1 | -1.0 |"]
+    assert lines[-1] == "Bound minus the best mergekit method, mean over training seeds: replay -0.2."
+    assert S.ceiling_section({"chosen": {"replay-0": {"kind": "replay"}}, "comparison": comparison}) == []

@@ -204,9 +204,8 @@ def ceiling_on_test(family, records: List[dict], merger, count: int, workdir: Pa
 
     task_of = {str(Path(p).resolve()): t for t, p in family.experts.items()}
     template = new_model(family_settings(False)[family.kind], 0)
-    ok = sorted((r for r in records if r.get("status") == "ok"), key=lambda r: (-r["score"], r["trial"]))
     scored = []
-    for record in ok[:count]:
+    for record in top_by_validation(records, count):
         order = tuple(task_of[str(Path(p).resolve())] for p in record["order"])
         params = record["parameters"]
         settings = tuple((name, float(params[name])) for name in ("temperature", "base_droprate", "lambda"))
@@ -215,6 +214,18 @@ def ceiling_on_test(family, records: List[dict], merger, count: int, workdir: Pa
         test = _evaluator("test", TEST_EXAMPLES)(load_weights(template, merged))
         scored.append({"trial": record["trial"], "val": record["score"],
                        "test": 100.0 * statistics.fmean(test.values())})
+    return summarize_ceiling(scored)
+
+
+def top_by_validation(records: List[dict], count: int) -> List[dict]:
+    """The ``count`` best finished trials on validation, best first (ties: earlier trial first)."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    return sorted(ok, key=lambda r: (-r["score"], r["trial"]))[:count]
+
+
+def summarize_ceiling(scored: List[dict]) -> dict:
+    """``scored``: the trials in validation order with their test scores; the
+    best on test (the first of equal scores) and its validation rank (1-based)."""
     best = max(scored, key=lambda s: s["test"])
     return {"count": len(scored), "trials": scored, "best_test": best["test"], "best_trial": best["trial"],
             "val_rank_of_best": scored.index(best) + 1}
@@ -366,12 +377,14 @@ def ceiling_section(result: dict) -> List[str]:
     if not entries:
         return []
     count = next(iter(entries.values()))["ceiling"]["count"]
+    every = all(e["ceiling"]["count"] == e.get("trials") for e in entries.values())
+    which = f"all {count} trials" if every else f"the {count} best trials on validation"
     lines = [
         "",
-        f"### Diagnosis: the best of the {count} best trials on validation, scored on test",
+        f"### Diagnosis: {which} of each search, scored on test",
         "",
-        f"Read for diagnosis only, after the choice above: each family's {count} best trials on "
-        "validation, merged at their own merge seed (0) and scored on test. The best of them on test "
+        f"Read for diagnosis only, after the choice above: {which} of each family's search, "
+        "merged at their own merge seed (0) and scored on test. The best of them on test "
         "is an optimistic bound (it picks with the test split) on what any rule choosing among the "
         "search's trials could reach. Chosen = the search's choice at merge seed 0.",
         "",
