@@ -4,6 +4,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.quality.search_proof             # search, score on test, write the table
     .venv/bin/python -m benchmarks.quality.search_proof --report    # rewrite the table from finished searches
+    .venv/bin/python -m benchmarks.quality.search_proof --report --ceiling 64  # + the diagnosis (step 4)
 
 For every expert family (``replay``, ``forget``) and training seed (0, 1, 2)
 of :mod:`benchmarks.quality` (models from ``benchmarks/quality/.cache``,
@@ -27,7 +28,13 @@ trained or reused exactly as ``benchmarks.quality.run`` does):
    circuit's recommended preset with the order rule), paired over the
    training seeds: ``results/search.md`` and ``results/search.json``.
 
-The test split is read only in step 2, for the one chosen setting.
+4. with ``--ceiling K``, after the choice: the K best trials on validation
+   (all of them with K = the budget) each merged at its own merge seed and
+   scored on test. A diagnosis only: their best on test bounds what any rule
+   choosing among the trials could reach, i.e. whether the target lies inside
+   the searched space at all. Nothing is selected with it.
+
+Selection reads the test split only in step 2, for the one chosen setting.
 """
 
 from __future__ import annotations
