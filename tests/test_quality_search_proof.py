@@ -116,3 +116,10 @@ def test_ceiling_section_subtracts_the_best_mergekit_method_per_family():
                      "| replay-1 | 75.0 (ties (tuned on val)) | 77.0 | 74.0 | 1 | -1.0 |"]
     assert lines[-1] == "Bound minus the best mergekit method, mean over training seeds: replay -0.2."
     assert S.ceiling_section({"chosen": {"replay-0": {"kind": "replay"}}, "comparison": comparison}) == []
+
+
+def test_checked_in_search_page_is_what_its_json_renders_to():
+    results = Path(S.__file__).resolve().parent / "results"
+    import json
+
+    assert S.render(json.loads((results / "search.json").read_text())) == (results / "search.md").read_text()

@@ -5,6 +5,7 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.quality.search_proof             # search, score on test, write the table
     .venv/bin/python -m benchmarks.quality.search_proof --report    # rewrite the table from finished searches
     .venv/bin/python -m benchmarks.quality.search_proof --report --ceiling 64  # + the diagnosis (step 4)
+    .venv/bin/python -m benchmarks.quality.search_proof --render    # search.md from search.json only
 
 For every expert family (``replay``, ``forget``) and training seed (0, 1, 2)
 of :mod:`benchmarks.quality` (models from ``benchmarks/quality/.cache``,
@@ -317,7 +318,9 @@ def render(result: dict) -> str:
         "as the benchmark scores every selected method (its validation score through `mergekit-yaml` "
         "equals the search's). Test accuracy in %, mean over merge seeds; mergekit's methods were tuned "
         "on the same validation split over the same scale grid (and densities), per family and "
-        "training seed. The test split was read for nothing else.",
+        "training seed. The test split was read for nothing else"
+        + (" (except the diagnosis at the end, after the choice)." if any(
+            "ceiling" in c for c in result["chosen"].values()) else "."),
         "",
     ]
     for kind, table in result["comparison"].items():
@@ -438,8 +441,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ceiling", type=int, default=0, metavar="K",
                         help="diagnosis only: also score the K best trials on validation on test (their "
                              "best is an optimistic bound for any rule that picks among the trials)")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite search.md from the search.json in --out (no merge, no scoring)")
     parser.add_argument("--machine", default=None)
     args = parser.parse_args(argv)
+    if args.render:
+        (args.out / "search.md").write_text(render(json.loads((args.out / "search.json").read_text())))
+        print(f"wrote {args.out / 'search.md'}")
+        return 0
     started = time.time()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
