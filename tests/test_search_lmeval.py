@@ -196,8 +196,11 @@ def _no_tokenizer_base(root: Path, family) -> Path:
         ("lm-eval:{tasks}/toy_mc.yaml", "no tokenizer files (--eval lm-eval needs a tokenizer)"),
         ("lm-eval:{tasks}/toy_mc.yaml", "lm-eval-harness is not installed "
                                         "(pip install 'circuit-merge-plugin[lm-eval]')"),
+        ("lm-eval:{tasks}/toy_mc.yaml", "lm-eval-harness is older than 0.4.12 "
+                                        "(pip install 'circuit-merge-plugin[lm-eval]')"),
     ],
-    ids=["missing", "not-a-task", "twice", "empty", "unknown", "no-tokenizer", "not-installed"],
+    ids=["missing", "not-a-task", "twice", "empty", "unknown", "no-tokenizer", "not-installed",
+         "too-old"],
 )
 def test_lm_eval_refusals_are_one_line_exit_2_and_leave_no_dir(tmp_path, tasks, llama_family, monkeypatch,
                                                                eval_text, expect):
@@ -207,6 +210,8 @@ def test_lm_eval_refusals_are_one_line_exit_2_and_leave_no_dir(tmp_path, tasks, 
                                     variants=llama_family.variants)
     if "not installed" in expect:
         monkeypatch.setitem(sys.modules, "lm_eval", None)  # find_spec answers None
+    if "older than" in expect:
+        monkeypatch.setitem(sys.modules, "lm_eval.tasks._index", None)  # its import fails
     recipe_path = write_recipe(tmp_path / "r.yaml", family)
     out = tmp_path / "out"
     result = CliRunner().invoke(search, [str(recipe_path), "--out", str(out), "--eval-limit", "3",

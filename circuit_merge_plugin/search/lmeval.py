@@ -35,6 +35,8 @@ from circuit_merge_plugin.search.space import SearchInputError
 
 PREFIX = "lm-eval:"
 INSTALL = "pip install 'circuit-merge-plugin[lm-eval]'"
+#: The first lm-eval with the task index and YAML loader used to check tasks.
+MINIMUM = "0.4.12"
 #: Requests per forward pass (fixed, so a trial scores the same everywhere).
 BATCH_SIZE = 8
 #: lm-eval's own default seeds, passed explicitly so every trial uses them.
@@ -91,8 +93,11 @@ def parse(text: str, limit: Optional[int]) -> LmEvalTasks:
     entries = [entry.strip() for entry in text[len(PREFIX):].split(",")]
     if not entries or not all(entries):
         raise SearchInputError(f"{where}: expected lm-eval:TASK[,TASK...] (task names or task YAML paths)")
-    from lm_eval.tasks._index import TaskIndex
-    from lm_eval.tasks._yaml_loader import load_yaml
+    try:
+        from lm_eval.tasks._index import TaskIndex
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:
+        raise SearchInputError(f"{where}: lm-eval-harness is older than {MINIMUM} ({INSTALL})") from None
 
     specs: List[str] = []
     names: List[str] = []
