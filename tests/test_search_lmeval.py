@@ -40,10 +40,10 @@ dataset_kwargs:
   data_files:
     test: {data}
 test_split: test
-output_type: multiple_choice
+output_type: {kind}
 doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
+{choices}
+doc_to_target: "{target}"
 metric_list:
 {metrics}
 """
@@ -51,13 +51,17 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> Path:
-    """``toy_mc`` (acc and acc_norm) and ``toy_acc`` (acc only) on the same nine docs."""
+    """``toy_mc`` (multiple choice: acc, acc_norm) and ``toy_ll`` (the answer's
+    perplexity: a continuous score) on the same nine docs."""
     root = tmp_path_factory.mktemp("lm_tasks")
     data = root / "toy.jsonl"
     data.write_text("".join(json.dumps(doc) + "\n" for doc in _docs()))
-    for name, metrics in (("toy_mc", ["acc", "acc_norm"]), ("toy_acc", ["acc"])):
-        listed = "\n".join(f"  - metric: {metric}" for metric in metrics)
-        (root / f"{name}.yaml").write_text(TASK_YAML.format(name=name, data=data, metrics=listed))
+    (root / "toy_mc.yaml").write_text(TASK_YAML.format(
+        name="toy_mc", data=data, kind="multiple_choice", choices='doc_to_choice: "{{choices}}"',
+        target="{{answer}}", metrics="  - metric: acc\n  - metric: acc_norm"))
+    (root / "toy_ll.yaml").write_text(TASK_YAML.format(
+        name="toy_ll", data=data, kind="loglikelihood", choices="", target="{{choices[answer]}}",
+        metrics="  - metric: perplexity"))
     (root / "not_a_task.yaml").write_text("dataset_path: json\n")
     return root
 
@@ -69,7 +73,7 @@ def recipe(tmp_path_factory, llama_family):
     return space.load_recipe(str(path))
 
 
-def lm_spec(tasks: Path, limit=None, names=("toy_mc", "toy_acc")):
+def lm_spec(tasks: Path, limit=None, names=("toy_mc", "toy_ll")):
     text = lmeval.PREFIX + ",".join(str(tasks / f"{name}.yaml") for name in names)
     return evaluation.parse_eval(text, None, limit)
 
@@ -92,10 +96,10 @@ def point(recipe, temperature=0.5):
 
 def test_local_task_files_parse_to_names_offline_without_the_registry(tasks, monkeypatch):
     monkeypatch.chdir(tasks)
-    spec = evaluation.parse_eval("lm-eval:toy_mc.yaml, ./toy_acc.yaml", None, 5)
+    spec = evaluation.parse_eval("lm-eval:toy_mc.yaml, ./toy_ll.yaml", None, 5)
     assert spec.lm_eval == lmeval.LmEvalTasks(
-        specs=(str(tasks / "toy_mc.yaml"), str(tasks / "toy_acc.yaml")),
-        names=("toy_mc", "toy_acc"), limit=5, registry=False, offline=True)
+        specs=(str(tasks / "toy_mc.yaml"), str(tasks / "toy_ll.yaml")),
+        names=("toy_mc", "toy_ll"), limit=5, registry=False, offline=True)
     assert isinstance(evaluation.load_function(spec), lmeval.LmEvalEval)
 
 
@@ -136,7 +140,7 @@ def direct_simple_evaluate(runner, data, tasks: Path, limit):
     with lmeval.hub_offline(True):
         results = lm_eval.simple_evaluate(
             model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8),
-            tasks=[str(tasks / "toy_mc.yaml"), str(tasks / "toy_acc.yaml")], limit=limit,
+            tasks=[str(tasks / "toy_mc.yaml"), str(tasks / "toy_ll.yaml")], limit=limit,
             task_manager=TaskManager(include_defaults=False), bootstrap_iters=0, log_samples=False,
             random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)
     return digest, results
@@ -148,13 +152,15 @@ def test_trial_score_is_simple_evaluates_mean_primary_metric(tasks, recipe, runn
     assert "error" not in result, result
     digest, results = direct_simple_evaluate(runner, data, tasks, 4)
     assert result["digest"] == digest
-    mc, acc = results["results"]["toy_mc"], results["results"]["toy_acc"]
-    assert result["score"] == (mc["acc_norm,none"] + acc["acc,none"]) / 2
+    mc, ll = results["results"]["toy_mc"], results["results"]["toy_ll"]
+    assert result["score"] == (mc["acc_norm,none"] + ll["perplexity,none"]) / 2
     assert results["n-samples"]["toy_mc"] == {"original": 9, "effective": 4}
     assert result["extras"] == {
         "toy_mc/primary": "acc_norm", "toy_mc/acc": mc["acc,none"], "toy_mc/acc_norm": mc["acc_norm,none"],
-        "toy_mc/samples": 4, "toy_acc/primary": "acc", "toy_acc/acc": acc["acc,none"],
-        "toy_acc/samples": 4}
+        "toy_mc/samples": 4, "toy_ll/primary": "perplexity", "toy_ll/perplexity": ll["perplexity,none"],
+        "toy_ll/samples": 4}
+    other = runner.run(space.trial_recipe(recipe, point(recipe, 0.0), 3))
+    assert other["score"] != result["score"]  # the score sees the merged weights
     again = runner.run(data)
     assert (again["score"], again["extras"], again["digest"]) == (
         result["score"], result["extras"], result["digest"])
@@ -243,7 +249,7 @@ def test_search_with_lm_eval_on_local_ray(tmp_path, tasks, recipe, runner):
 
     recipe_path = write_recipe(tmp_path / "grid.yaml", _family_of(recipe))
     out = tmp_path / "out"
-    eval_text = lmeval.PREFIX + f"{tasks / 'toy_mc.yaml'},{tasks / 'toy_acc.yaml'}"
+    eval_text = lmeval.PREFIX + f"{tasks / 'toy_mc.yaml'},{tasks / 'toy_ll.yaml'}"
     done = run_search(recipe_path, out, "--eval", eval_text, "--eval-limit", "4",
                       "--space", "temperature=0,1", "--fix", "base_droprate=0.3", "--fix", "lambda=1",
                       "--trials", "4")
@@ -255,6 +261,7 @@ def test_search_with_lm_eval_on_local_ray(tmp_path, tasks, recipe, runner):
         local = runner.run(space.trial_recipe(loaded, Point(tuple(record["order"]), record["values"]), 0))
         assert (local["digest"], local["score"]) == (record["digest"], record["score"])
         assert record["metrics"]["toy_mc/samples"] == 4
+    assert len({record["score"] for record in records}) == 4  # perplexity tells every merge apart
 
 
 def _family_of(recipe):
