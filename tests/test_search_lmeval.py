@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -147,9 +148,16 @@ def direct_simple_evaluate(runner, data, tasks: Path, limit):
 
 
 def test_trial_score_is_simple_evaluates_mean_primary_metric(tasks, recipe, runner):
+    import lm_eval.evaluator
+
     data = space.trial_recipe(recipe, point(recipe), 3)
+    before = (lm_eval.evaluator.add_env_info, os.environ.get("HF_HUB_OFFLINE"),
+              os.environ.get("HF_DATASETS_OFFLINE"))
     result = runner.run(data)
     assert "error" not in result, result
+    # what the trial switches off for the call (hub access, environment report) is restored
+    assert (lm_eval.evaluator.add_env_info, os.environ.get("HF_HUB_OFFLINE"),
+            os.environ.get("HF_DATASETS_OFFLINE")) == before
     digest, results = direct_simple_evaluate(runner, data, tasks, 4)
     assert result["digest"] == digest
     mc, ll = results["results"]["toy_mc"], results["results"]["toy_ll"]

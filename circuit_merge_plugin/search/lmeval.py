@@ -168,11 +168,30 @@ def hub_offline(on: bool):
                 os.environ[key] = value
 
 
+@contextlib.contextmanager
+def _no_environment_report():
+    """simple_evaluate's report of the environment (git hash, ``collect_env``: a dozen
+    subprocesses, about a second per call) skipped: metadata, not part of any metric."""
+    import lm_eval.evaluator as evaluator
+
+    saved = {name: getattr(evaluator, name) for name in ("add_env_info", "get_git_commit_hash")
+             if hasattr(evaluator, name)}
+    if "add_env_info" in saved:
+        evaluator.add_env_info = lambda results: None
+    if "get_git_commit_hash" in saved:
+        evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(evaluator, name, value)
+
+
 def evaluate(tasks: LmEvalTasks, model, tokenizer) -> Dict[str, Any]:
     """``lm_eval.simple_evaluate``'s results for ``model`` (HFLM on the in-memory model)."""
     if tokenizer is None:
         raise ValueError("lm-eval needs a tokenizer and the base model has none")
-    with hub_offline(tasks.offline):
+    with hub_offline(tasks.offline), _no_environment_report():
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
