@@ -237,6 +237,12 @@ def test_lm_eval_refusals_are_one_line_exit_2_and_leave_no_dir(tmp_path, tasks, 
     assert not out.exists()
 
 
+def test_a_task_name_lm_eval_knows_is_accepted_and_needs_its_task_index():
+    spec = evaluation.parse_eval("lm-eval:arc_easy", None, 10)
+    assert spec.lm_eval == lmeval.LmEvalTasks(specs=("arc_easy",), names=("arc_easy",), limit=10,
+                                              registry=True, offline=False)
+
+
 def test_a_worker_without_tokenizer_fails_the_trial_with_the_reason(tasks):
     """Checked on the driver; should a worker still see no tokenizer, the trial says why."""
     with pytest.raises(ValueError, match="lm-eval needs a tokenizer"):
