@@ -251,7 +251,6 @@ def test_eval_from_a_file_and_from_a_module(eval_file, monkeypatch):
         ("{dir}/evals.py:one_argument", None, "one_argument must take (model, tokenizer)"),
         ("no_such_module_xyz:score", None, "cannot import it (ModuleNotFoundError"),
         ("score", None, "expected path/to/file.py:function or package.module:function"),
-        ("lm-eval:hellaswag", None, "--eval lm-eval:hellaswag: lm-eval"),
         (None, "python score.py", "must contain {model}"),
         (None, None, "give exactly one of --eval"),
         ("{dir}/evals.py:score", "echo {model}", "give exactly one of --eval"),

@@ -1,6 +1,6 @@
 """``circuit-merge search``: find the priority order and settings with the user's eval.
 
-    circuit-merge search RECIPE.yaml --eval EVAL --out DIR [--trials N]
+    circuit-merge search RECIPE.yaml --eval EVAL --out DIR [--trials N] [--eval-limit N]
         [--space NAME=SPEC ...] [--fix NAME=VALUE ...] [--address ADDRESS]
         [--cpus-per-trial C] [--gpus-per-trial G] [--resume] [--seed S]
 
@@ -32,12 +32,15 @@ def _fail(message: str, code: int) -> None:
 @click.argument("recipe", metavar="RECIPE.yaml")
 @click.option("--eval", "eval_text", metavar="EVAL",
               help="path/to/file.py:function or package.module:function, called as "
-                   "function(model, tokenizer); returns a number or a dict with 'score'.")
+                   "function(model, tokenizer); returns a number or a dict with 'score'. "
+                   "Or lm-eval:TASK[,TASK...]: lm-eval-harness tasks (names, or paths of "
+                   "task YAML files) on the in-memory model; the score is the mean of each "
+                   "task's acc_norm, else acc, else first metric (extra: lm-eval).")
 @click.option("--eval-cmd", metavar="COMMAND",
               help="Instead of --eval: a shell command with {model} (a temporary model "
                    "directory); the last line it prints is the score.")
 @click.option("--eval-limit", type=click.IntRange(min=1), metavar="N",
-              help="With --eval lm-eval:TASK: examples per task.")
+              help="With --eval lm-eval:TASK: examples per task (default: all).")
 @click.option("--out", "out", required=True, metavar="DIR",
               help="Output directory (trials.jsonl, leaderboard.md, best.yaml, search.html).")
 @click.option("--trials", type=click.IntRange(min=1), default=64, show_default=True,
@@ -64,12 +67,13 @@ def search(recipe: str, eval_text: Optional[str], eval_cmd: Optional[str], eval_
            cpus_per_trial: float, gpus_per_trial: float, resume: bool, seed: int, quiet: bool) -> None:
     """Search the priority order and parameters of a circuit RECIPE with your own eval."""
     from circuit_merge_plugin.search import engine, outputs
-    from circuit_merge_plugin.search.evaluation import parse_eval
+    from circuit_merge_plugin.search.evaluation import has_tokenizer, parse_eval
     from circuit_merge_plugin.search.space import (
         SearchInputError,
         build_space,
         check_local_models,
         load_recipe,
+        resolve_model_paths,
     )
 
     def echo(line: str) -> None:
@@ -82,7 +86,10 @@ def search(recipe: str, eval_text: Optional[str], eval_cmd: Optional[str], eval_
         search_space = build_space(parsed, space, fix)
         if eval_limit is not None and not (eval_text or "").startswith("lm-eval:"):
             raise SearchInputError("--eval-limit applies to --eval lm-eval:TASK only")
-        eval_spec = parse_eval(eval_text, eval_cmd)
+        eval_spec = parse_eval(eval_text, eval_cmd, eval_limit)
+        if eval_spec.lm_eval is not None and not has_tokenizer(resolve_model_paths(parsed)(parsed.base)):
+            raise SearchInputError(f"{recipe}: base_model {parsed.base}: no tokenizer files "
+                                   "(--eval lm-eval needs a tokenizer)")
         from circuit_merge_plugin.insight.render import require_matplotlib
 
         require_matplotlib()
@@ -97,8 +104,6 @@ def search(recipe: str, eval_text: Optional[str], eval_cmd: Optional[str], eval_
         _fail(str(error), EXIT_REFUSED)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED)
-    from circuit_merge_plugin.search.space import resolve_model_paths
-
     if records:
         outputs.write_summary(out, parsed, records, settings, resolve_model_paths(parsed), charts=True)
     if interrupted:

@@ -1,11 +1,13 @@
 """The user's evaluation: ``--eval FILE.py:function`` / ``package.module:function``,
-or ``--eval-cmd "COMMAND {model}"``.
+``--eval lm-eval:TASK[,TASK...]`` (lm-eval-harness, :mod:`.lmeval`) or
+``--eval-cmd "COMMAND {model}"``.
 
 The function is called as ``function(model, tokenizer)`` and returns a number
 (higher is better) or a dict with a ``score`` key (its other keys are recorded).
 A file's source is read by the driver and sent to the workers, so a cluster's
 nodes need not share a file system; a ``package.module`` must be importable on
-every node. The command gets the merged model's directory in place of
+every node. ``lm-eval:`` tasks are checked on the driver and run by
+:class:`circuit_merge_plugin.search.lmeval.LmEvalEval` on the workers. The command gets the merged model's directory in place of
 ``{model}``; the last non-empty line of its standard output is the score.
 Standard library only.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import importlib.util
 import inspect
 import math
 import os
@@ -26,10 +27,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from circuit_merge_plugin.search import lmeval
 from circuit_merge_plugin.search.space import SearchInputError
 
-LM_EVAL_PREFIX = "lm-eval:"
+LM_EVAL_PREFIX = lmeval.PREFIX
 MODEL_PLACEHOLDER = "{model}"
+
+#: Files that make a tokenizer (any of them present in the base: load one).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def has_tokenizer(model: str) -> bool:
+    """Whether ``model`` is a local directory with tokenizer files."""
+    directory = Path(model).expanduser()
+    return directory.is_dir() and any((directory / name).exists() for name in TOKENIZER_FILES)
 
 
 class TrialFailed(Exception):
@@ -46,6 +67,8 @@ class EvalSpec:
     file: Optional[str] = None
     source: Optional[str] = None
     command: Optional[str] = None
+    #: ``--eval lm-eval:...``: the checked tasks and ``--eval-limit``.
+    lm_eval: Optional[lmeval.LmEvalTasks] = None
     #: The driver's working directory, put on the workers' import path.
     cwd: Optional[str] = None
 
@@ -54,8 +77,10 @@ class EvalSpec:
         return self.command is not None
 
 
-def parse_eval(eval_text: Optional[str], eval_cmd: Optional[str]) -> EvalSpec:
-    """Check ``--eval``/``--eval-cmd`` and load the function once (signature check)."""
+def parse_eval(eval_text: Optional[str], eval_cmd: Optional[str],
+               limit: Optional[int] = None) -> EvalSpec:
+    """Check ``--eval``/``--eval-cmd`` (and ``--eval-limit``, lm-eval only) and load
+    the function once (signature check)."""
     if (eval_text is None) == (eval_cmd is None):
         raise SearchInputError("give exactly one of --eval FUNCTION and --eval-cmd COMMAND")
     if eval_cmd is not None:
@@ -63,14 +88,7 @@ def parse_eval(eval_text: Optional[str], eval_cmd: Optional[str]) -> EvalSpec:
             raise SearchInputError(f"--eval-cmd {eval_cmd!r}: must contain {MODEL_PLACEHOLDER}")
         return EvalSpec(text=eval_cmd, command=eval_cmd)
     if eval_text.startswith(LM_EVAL_PREFIX):
-        if importlib.util.find_spec("lm_eval") is None:
-            raise SearchInputError(
-                f"--eval {eval_text}: lm-eval-harness is not installed (pip install lm-eval)"
-            )
-        raise SearchInputError(
-            f"--eval {eval_text}: lm-eval tasks are not supported in memory yet; "
-            "use --eval-cmd with lm_eval's command line"
-        )
+        return EvalSpec(text=eval_text, lm_eval=lmeval.parse(eval_text, limit))
     target, sep, function = eval_text.rpartition(":")
     if not sep or not target or not function.isidentifier():
         raise SearchInputError(
@@ -112,6 +130,8 @@ def _module_from_source(spec: EvalSpec) -> types.ModuleType:
 
 def load_function(spec: EvalSpec) -> Callable:
     """The eval function (driver and workers); SearchInputError naming the problem."""
+    if spec.lm_eval is not None:
+        return lmeval.LmEvalEval(spec.lm_eval)
     if spec.cwd and spec.cwd not in sys.path:
         sys.path.append(spec.cwd)
     try:

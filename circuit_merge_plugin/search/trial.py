@@ -31,24 +31,13 @@ from typing import Any, Dict, Optional, Tuple
 
 from circuit_merge_plugin.io.digest import TORCH_DTYPE_CODES, combine, record_hash
 from circuit_merge_plugin.search.evaluation import (
+    TOKENIZER_FILES,
     EvalSpec,
     TrialFailed,
+    has_tokenizer,
     load_function,
     run_command,
     score_of,
-)
-
-#: Files that make a tokenizer (any of them present in the base: load one).
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
 )
 
 
@@ -172,12 +161,11 @@ class TrialRunner:
 
     def tokenizer(self, base: str):
         if base not in self._tokenizers:
-            directory = Path(base)
             tokenizer = None
-            if directory.is_dir() and any((directory / f).exists() for f in _TOKENIZER_FILES):
+            if has_tokenizer(base):
                 import transformers
 
-                tokenizer = transformers.AutoTokenizer.from_pretrained(str(directory))
+                tokenizer = transformers.AutoTokenizer.from_pretrained(str(Path(base)))
             self._tokenizers[base] = tokenizer
         return self._tokenizers[base]
 
@@ -224,7 +212,7 @@ class TrialRunner:
                       os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
             out_config.save_pretrained(directory)
             base = Path(recipe["base_model"])
-            for name in _TOKENIZER_FILES:
+            for name in TOKENIZER_FILES:
                 if (base / name).is_file():
                     shutil.copy2(base / name, os.path.join(directory, name))
             return run_command(self.eval_spec.command, directory)
