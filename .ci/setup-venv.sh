@@ -1,6 +1,6 @@
 # Sourced by .ci/test and .ci/demo: setup_venv DIR [EXTRA PIP REQUIREMENTS...]
 # Creates DIR with torch (CPU build from $TORCH_SPEC), this project editable with
-# its test and search extras (the search tests run in CI; .ci/demo shares the
+# its test, search and lm-eval extras (the search tests run in CI; .ci/demo shares the
 # venv), and the extra requirements; re-creates it when pyproject.toml or the
 # extras change.
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
@@ -17,7 +17,7 @@ setup_venv() {
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/python" -m pip install -q "$TORCH_SPEC"
-  "$venv/bin/python" -m pip install -q -e ".[test,search]" "$@"
+  "$venv/bin/python" -m pip install -q -e ".[test,search,lm-eval]" "$@"
   "$venv/bin/python" -c "import circuit_merge_plugin, mergekit, torch"
   echo "$stamp" > "$venv/.circuit-stamp"
 }

@@ -206,7 +206,9 @@ def _no_tokenizer_base(root: Path, family) -> Path:
         ("lm-eval:{tasks}/not_a_task.yaml", "task file {tasks}/not_a_task.yaml: not an lm-eval task YAML"),
         ("lm-eval:{tasks}/toy_mc.yaml,{tasks}/toy_mc.yaml", "task toy_mc is given twice"),
         ("lm-eval:", "expected lm-eval:TASK[,TASK...]"),
-        ("lm-eval:no_such_task_xyz", "lm-eval does not know a task named 'no_such_task_xyz'"),
+        # lm-eval indexes its ~15k task YAMLs for this one (about 10 s): slow.
+        pytest.param("lm-eval:no_such_task_xyz", "lm-eval does not know a task named 'no_such_task_xyz'",
+                     marks=pytest.mark.slow),
         ("lm-eval:{tasks}/toy_mc.yaml", "no tokenizer files (--eval lm-eval needs a tokenizer)"),
         ("lm-eval:{tasks}/toy_mc.yaml", "lm-eval-harness is not installed "
                                         "(pip install 'circuit-merge-plugin[lm-eval]')"),
