@@ -120,6 +120,12 @@ BAD = {
 }
 
 
+#: ``records`` label -> the ``merges`` job that is the same merge (same recipe, same options).
+RECORDS_FROM_MERGES = {"option_seed": "seed5a", "recipe_seed": "recipe_seed1",
+                       "bad_drop_rate": "bad_drop_rate"}
+RECORDS = {job: label for label, job in RECORDS_FROM_MERGES.items()}
+
+
 @pytest.fixture(scope="module")
 def merges(llama_family, qwen_family, tmp_path_factory):
     root = tmp_path_factory.mktemp("mergekit")
@@ -150,9 +156,16 @@ def merges(llama_family, qwen_family, tmp_path_factory):
     }
     for label, (parameters, per_model, _) in BAD.items():
         jobs[label] = (recipe(llama_family, parameters, per_model), ())
+    # The ``records`` merges (their stderr and report header are checked), in
+    # the same batch: two of their own, and three that are merges above, run
+    # once with the report written through CIRCUIT_MERGE_REPORT.
+    jobs["drawn_seed"] = (recipe(llama_family, DRAWN, {0: {"drop_rate": 0.1}}), ())
+    jobs["nan_midway"] = (recipe(_family_with_nan(llama_family, root / "nan_family")), ())
     runs = Runs(max_parallel=3)
     for label, (config, args) in jobs.items():
-        runs.mergekit_yaml(label, BIN, config, root / label, *args)
+        reported = RECORDS.get(label, label if label in ("drawn_seed", "nan_midway") else None)
+        env = {"CIRCUIT_MERGE_REPORT": str(root / f"{reported}-report.json")} if reported else None
+        runs.mergekit_yaml(label, BIN, config, root / label, *args, env=env)
     # ... and the environment variable (either mergekit)
     runs.mergekit_yaml(
         "report_env", BIN, recipe(llama_family, STOCHASTIC), root / "report_env",
@@ -377,26 +390,17 @@ def test_report_recipe_parameter(merges, llama_family, api):
 
 
 @pytest.fixture(scope="module")
-def records(llama_family, tmp_path_factory):
+def records(merges):
     """Merges whose stderr and report header are checked, each writing its
-    report through CIRCUIT_MERGE_REPORT (either mergekit)."""
-    root = tmp_path_factory.mktemp("records")
-    jobs = {
-        # no seed anywhere: the drawn seed is printed and recorded
-        "drawn_seed": (recipe(llama_family, DRAWN, {0: {"drop_rate": 0.1}}), ()),
-        # a NaN in one tensor of one model: the merge stops midway
-        "nan_midway": (recipe(_family_with_nan(llama_family, root / "nan_family")), ()),
-        "option_seed": (recipe(llama_family), ("--random-seed", "5")),
-        "recipe_seed": (recipe(llama_family, {"seed": 11}), ("--random-seed", "1")),
-        "bad_drop_rate": (recipe(llama_family, {}, {1: {"drop_rate": 2}}), ()),
-    }
-    runs = Runs(max_parallel=3)
-    for label, (config, args) in jobs.items():
-        runs.mergekit_yaml(
-            label, BIN, config, root / label, *args,
-            env={"CIRCUIT_MERGE_REPORT": str(root / f"{label}-report.json")},
-        )
-    return root, runs.wait(timeout=1800)
+    report through CIRCUIT_MERGE_REPORT (either mergekit): run by ``merges``
+    (``drawn_seed``: no seed anywhere, the drawn seed is printed and recorded;
+    ``nan_midway``: a NaN in one tensor of one model, the merge stops midway;
+    ``option_seed``, ``recipe_seed``, ``bad_drop_rate``: the merges of
+    :data:`RECORDS_FROM_MERGES`)."""
+    root, results = merges
+    view = {label: results[label] for label in ("drawn_seed", "nan_midway")}
+    view.update({label: results[job] for label, job in RECORDS_FROM_MERGES.items()})
+    return root, view
 
 
 def _last_line(text):

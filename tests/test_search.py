@@ -1,8 +1,8 @@
 """``circuit-merge search``: recipe, space, eval loading, in-memory trials, refusals.
 
 Everything here runs without Ray (fast loop), except the trial-vs-mergekit-yaml
-check (slow: a real mergekit-yaml subprocess). The searches on a local Ray are
-in tests/test_search_ray.py.
+check (slow: a real mergekit-yaml subprocess). The searches on Ray are in
+tests/test_search_ray.py.
 """
 
 from __future__ import annotations
@@ -378,6 +378,29 @@ def test_trial_digest_and_score_equal_mergekit_yaml(tmp_path, eval_file, recipe,
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
     want = runner.function(written, tokenizer)
     assert result["score"] == want["score"] and result["extras"] == {"corner": want["corner"]}
+
+
+def test_a_mergekit_without_the_calls_a_trial_uses_is_refused_in_one_line(monkeypatch):
+    """The trial merge's one private mergekit call, ``_model_out_config``, and the
+    public ``plan_to_disk()``: absent, a worker refuses to start, naming both
+    the installed mergekit and what to do."""
+    import mergekit.merge
+    from mergekit.plan import MergePlanner
+
+    from circuit_merge_plugin.search import trial
+
+    version = trial.mergekit_version()
+    assert version in ("0.1.4", "0.1.5")
+    spec = evaluation.parse_eval(None, "true {model}")
+    for owner, name, what in ((mergekit.merge, "_model_out_config", "mergekit.merge._model_out_config"),
+                              (MergePlanner, "plan_to_disk", "MergePlanner.plan_to_disk")):
+        with monkeypatch.context() as patch:
+            patch.delattr(owner, name)
+            with pytest.raises(trial.MergekitApiError) as refused:
+                trial.TrialRunner(spec, device="cpu", threads=1)
+        assert str(refused.value) == (
+            f"mergekit {version} has no {what}, which circuit-merge search needs for its "
+            "in-memory trial merge; install mergekit 0.1.5 or 0.1.4")
 
 
 def test_trial_failures_are_recorded_not_raised(eval_file, recipe, runner_factory):

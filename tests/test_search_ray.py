@@ -1,4 +1,4 @@
-"""``circuit-merge search`` on a local Ray (2 CPUs): the whole command in a subprocess.
+"""``circuit-merge search`` on Ray (2 CPUs): the whole command in a subprocess.
 
 One search per scenario, shared by the tests of this module (Ray start-up is
 slow): an exhaustive grid over 3 variants with an eval that fails on some
@@ -6,17 +6,30 @@ merges, an Optuna TPE search with ``--eval-cmd``, a search whose every trial
 fails, and an interrupted search resumed. Each trial's record is checked
 against the same trial run in this process, and ``best.yaml`` through the real
 ``mergekit-yaml``.
+
+The searches join one Ray head started for the module (``ray start --head``,
+the ``ray_head`` fixture) with ``--address``, as on a cluster, instead of each
+starting and stopping its own local Ray; the search whose every trial fails
+starts its own local Ray (no ``--address``), so that path runs for real too.
+The ``--address auto`` refusal runs first, before the head is up (``auto``
+would find it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Dict, Optional
 
 import pytest
 import yaml
@@ -42,9 +55,22 @@ print(repr(float(tensors["model.layers.0.mlp.up_proj.weight"][:4, :4].double().s
 """
 
 
-def search(recipe: Path, out: Path, *args: str, timeout: float = 600, wait: bool = True):
+@dataclass(frozen=True)
+class Head:
+    """A running Ray head: its address and the variables a client needs (the token)."""
+
+    address: str
+    env: Dict[str, str]
+
+
+def search(recipe: Path, out: Path, *args: str, head: Optional[Head] = None, timeout: float = 600,
+           wait: bool = True):
+    """The command in a subprocess; with ``head``, joined to it with ``--address``."""
     command = [sys.executable, "-m", "circuit_merge_plugin.search", str(recipe), "--out", str(out), *args]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if head is not None:
+        command += ["--address", head.address]
+        env.update(head.env)
     if not wait:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env, start_new_session=True)
@@ -53,6 +79,78 @@ def search(recipe: Path, out: Path, *args: str, timeout: float = 600, wait: bool
 
 def read_records(out: Path):
     return [json.loads(line) for line in (out / outputs.TRIALS).read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+_HEAD = {"started": False}
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """One local Ray head for the module's searches (a :class:`Head`).
+
+    ``ray start --head --block`` in its own session (2 CPUs, the GPUs torch
+    sees, the object store a local search uses), on free ports, with Ray's
+    token authentication and a token of its own (given to the searches in
+    ``RAY_AUTH_TOKEN``, so no ``~/.ray`` token is read or written); at teardown,
+    also after a failure, that session's processes (the head and every worker
+    it started) are stopped and its temp dir removed.
+    """
+    import torch
+
+    from circuit_merge_plugin.search.engine import LOCAL_OBJECT_STORE
+
+    _HEAD["started"] = True
+    temp_dir = tempfile.mkdtemp(prefix="cm-rayhead-", dir="/tmp")  # short: Ray's socket paths
+    port = free_port()
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+               PYTHONWARNINGS="ignore", **auth)
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+               "--port", str(port), "--dashboard-agent-listen-port", str(free_port()),
+               "--num-cpus", "2", "--num-gpus", str(torch.cuda.device_count()),
+               "--object-store-memory", str(LOCAL_OBJECT_STORE), "--include-dashboard", "false",
+               "--disable-usage-stats", "--temp-dir", temp_dir]
+    log_path = Path(temp_dir) / "ray-start.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while "Ray runtime started" not in log_path.read_text():
+            assert process.poll() is None, f"ray start exited {process.returncode}:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"ray start did not finish:\n{log_path.read_text()}"
+            time.sleep(0.5)
+        yield Head(f"127.0.0.1:{port}", auth)
+    finally:
+        for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(process.pid, sig)  # the session started above, nothing else
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_unreachable_auto_address_is_refused(workspace, llama_family, tmp_path):
+    # auto also finds any running Ray: this must run before ray_head starts.
+    assert not _HEAD["started"], "runs before the module's Ray head is started"
+    recipe = write_recipe(workspace / "auto.yaml", llama_family)
+    out = tmp_path / "never"
+    done = search(recipe, out, "--eval", f"{workspace / 'evals.py'}:score", "--address", "auto")
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "circuit-merge search: error: --address auto: cannot join a Ray cluster")
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +169,10 @@ def runner():
 
 
 @pytest.fixture(scope="module")
-def grid(workspace, llama_family):
+def grid(workspace, llama_family, ray_head):
     recipe = write_recipe(workspace / "grid.yaml", llama_family)
     out = workspace / "grid"
-    done = search(recipe, out, "--eval", f"{workspace / 'evals.py'}:picky", *GRID)
+    done = search(recipe, out, "--eval", f"{workspace / 'evals.py'}:picky", *GRID, head=ray_head)
     return recipe, out, done
 
 
@@ -161,12 +259,13 @@ def test_resume_runs_nothing_new_and_a_second_search_is_refused(grid):
 
 
 def test_tpe_with_eval_cmd_tries_the_recipe_first_and_scores_the_written_model(
-        workspace, llama_family, runner):
+        workspace, llama_family, runner, ray_head):
     recipe_path = write_recipe(workspace / "tpe.yaml", llama_family, variants=llama_family.variants[:2],
                                parameters={"temperature": 0.3})
     out = workspace / "tpe"
     command = f"{sys.executable} {workspace / 'score.py'} {{model}}"
-    done = search(recipe_path, out, "--eval-cmd", command, "--trials", "3", "--seed", "1")
+    done = search(recipe_path, out, "--eval-cmd", command, "--trials", "3", "--seed", "1",
+                  head=ray_head)
     assert done.returncode == 0, done.stderr
     records = read_records(out)
     assert len(records) == 3 and {r["engine"] for r in records} == {"Optuna TPE"}
@@ -186,6 +285,7 @@ def test_tpe_with_eval_cmd_tries_the_recipe_first_and_scores_the_written_model(
 
 
 def test_every_trial_failing_exits_1(workspace, llama_family):
+    # no --address: this search starts (and stops) its own local Ray
     recipe = write_recipe(workspace / "fail.yaml", llama_family, variants=llama_family.variants[:2])
     out = workspace / "fail"
     done = search(recipe, out, "--eval", f"{workspace / 'evals.py'}:text", "--fix", "temperature=0",
@@ -199,25 +299,14 @@ def test_every_trial_failing_exits_1(workspace, llama_family):
     assert not (out / outputs.BEST).exists()
 
 
-def test_unreachable_auto_address_is_refused(workspace, llama_family, tmp_path):
-    recipe = write_recipe(workspace / "auto.yaml", llama_family)
-    out = tmp_path / "never"
-    done = search(recipe, out, "--eval", f"{workspace / 'evals.py'}:score", "--address", "auto")
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(
-        "circuit-merge search: error: --address auto: cannot join a Ray cluster")
-    assert not out.exists()
-
-
-def test_interrupt_keeps_a_valid_log_and_resume_finishes(workspace, llama_family):
+def test_interrupt_keeps_a_valid_log_and_resume_finishes(workspace, llama_family, ray_head):
     (workspace / "slow.py").write_text(EVAL_SOURCE + "\nimport time\n\ndef slow(model, tokenizer):\n"
                                        "    time.sleep(2)\n    return score(model, tokenizer)\n")
     recipe = write_recipe(workspace / "slow.yaml", llama_family, variants=llama_family.variants[:2])
     out = workspace / "slow"
     args = ["--eval", f"{workspace / 'slow.py'}:slow", "--space", "temperature=0,0.25,0.5,0.75,1",
             "--fix", "base_droprate=0.3", "--fix", "lambda=1"]
-    process = search(recipe, out, *args, wait=False)
+    process = search(recipe, out, *args, head=ray_head, wait=False)
     log = out / outputs.TRIALS
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and process.poll() is None:
@@ -232,20 +321,22 @@ def test_interrupt_keeps_a_valid_log_and_resume_finishes(workspace, llama_family
     first = read_records(out)
     assert 1 <= len(first) < 10
     assert all(r["status"] == "ok" for r in first)  # no trial is lost to the interrupt
-    done = search(recipe, out, *args, "--resume")
+    done = search(recipe, out, *args, "--resume", head=ray_head)
     assert done.returncode == 0, done.stderr
     records = read_records(out)
     assert records[: len(first)] == first
     assert len(records) == 10 and len({r["key"] for r in records}) == 10
 
 
-def test_more_gpus_per_trial_than_the_machine_has_is_refused(workspace, llama_family, tmp_path):
+def test_more_gpus_per_trial_than_the_machine_has_is_refused(workspace, llama_family, tmp_path,
+                                                             ray_head):
     import torch
 
     recipe = write_recipe(workspace / "gpu.yaml", llama_family)
     out = tmp_path / "never"
     wanted = torch.cuda.device_count() + 1
-    done = search(recipe, out, "--eval", f"{workspace / 'evals.py'}:score", "--gpus-per-trial", str(wanted))
+    done = search(recipe, out, "--eval", f"{workspace / 'evals.py'}:score", "--gpus-per-trial", str(wanted),
+                  head=ray_head)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [
         f"circuit-merge search: error: --gpus-per-trial {wanted}: the cluster has "

@@ -1,7 +1,8 @@
 """One trial in memory: merge with mergekit's own planner, build the model, run the eval.
 
-The merge is planned by mergekit's ``MergePlanner.plan_in_memory()`` and run by
-its ``Executor``: the same tasks as ``mergekit-yaml`` (tensor names, aliases,
+The merge is planned by mergekit's public ``MergePlanner.plan_to_disk()`` (the
+planner ``mergekit-yaml`` uses) and only its tensor tasks are run by mergekit's
+``Executor``, never its writer: the same tasks as ``mergekit-yaml`` (tensor names, aliases,
 per-tensor parameters, input dtype promotion, ``dtype``/``out_dtype`` casts,
 the registered ``circuit`` method and so the kernel), minus the writer. So a
 trial's tensors are exactly what ``mergekit-yaml`` writes for the trial's
@@ -27,7 +28,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from circuit_merge_plugin.io.digest import TORCH_DTYPE_CODES, combine, record_hash
 from circuit_merge_plugin.search.evaluation import (
@@ -55,6 +56,76 @@ def tensors_digest(tensors: Dict[str, Any]) -> str:
         record.update(memoryview(data.numpy()))
         digests[name] = record.digest().hex()
     return combine(digests)
+
+
+#: ``plan_to_disk()`` needs an output path for its writer task; a trial never
+#: runs that task, so nothing is ever written there.
+UNWRITTEN = "(circuit-merge search: merged in memory, never written)"
+
+
+class MergekitApiError(RuntimeError):
+    """The installed mergekit lacks a call the search's trial merge needs."""
+
+
+def mergekit_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mergekit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _missing(what: str) -> MergekitApiError:
+    return MergekitApiError(
+        f"mergekit {mergekit_version()} has no {what}, which circuit-merge search needs "
+        "for its in-memory trial merge; install mergekit 0.1.5 or 0.1.4"
+    )
+
+
+def check_mergekit() -> None:
+    """One-line :class:`MergekitApiError` when the planner calls a trial uses are absent."""
+    from mergekit import merge
+    from mergekit.plan import MergePlanner
+
+    if not callable(getattr(merge, "_model_out_config", None)):
+        raise _missing("mergekit.merge._model_out_config")
+    if not callable(getattr(MergePlanner, "plan_to_disk", None)):
+        raise _missing("MergePlanner.plan_to_disk")
+
+
+def out_model_config(config, arch_info):
+    """The output model's configuration, as ``mergekit-yaml`` writes it.
+
+    mergekit has no public call for it: this is the one use of a private
+    mergekit function (``mergekit.merge._model_out_config``, the same in 0.1.4
+    and 0.1.5), checked by :func:`check_mergekit`.
+    """
+    check_mergekit()
+    from mergekit.merge import _model_out_config
+
+    return _model_out_config(config, arch_info, trust_remote_code=False)
+
+
+def tensor_save_tasks(planner) -> List[Any]:
+    """The recipe's ``SaveTensor`` tasks from the public ``plan_to_disk()``.
+
+    Each holds what ``mergekit-yaml`` writes for one tensor: its name, the task
+    computing it (``tensor_task``), whether it is ``optional``, and the
+    ``dtype`` it is cast to. The writer task they point to is never run.
+    (``plan_in_memory()`` would be the natural call, but in mergekit 0.1.5
+    building its ``ReturnTensor`` tasks raises ``TypeError``.)
+    """
+    from mergekit.io.tasks import SaveTensor
+
+    saves = [task for task in planner.plan_to_disk(out_path=UNWRITTEN) if isinstance(task, SaveTensor)]
+    if not saves:
+        raise MergekitApiError(
+            f"mergekit {mergekit_version()}: MergePlanner.plan_to_disk() planned no SaveTensor "
+            "task, which circuit-merge search needs for its in-memory trial merge; "
+            "install mergekit 0.1.5 or 0.1.4"
+        )
+    return saves
 
 
 def _no_init():
@@ -109,6 +180,7 @@ class TrialRunner:
         from circuit_merge_plugin.adapters.registration import register_entry_points
 
         register_entry_points()
+        check_mergekit()  # a worker that cannot merge refuses to start, in one line
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         if device is None:
@@ -128,7 +200,6 @@ class TrialRunner:
         from mergekit.config import MergeConfiguration
         from mergekit.graph import Executor
         from mergekit.io.tasks import LoaderCache
-        from mergekit.merge import _model_out_config
         from mergekit.options import MergeOptions
         from mergekit.plan import MergePlanner
 
@@ -137,26 +208,22 @@ class TrialRunner:
                                write_model_card=False)
         LoaderCache().setup(options=options)
         arch_info = get_architecture_info(config, options)
-        out_config = _model_out_config(config, arch_info, trust_remote_code=False)
-        # The planner's tensor tasks, as plan_to_disk() hands them to SaveTensor
-        # (plan_in_memory()'s ReturnTensor refuses 0.1.5's Optional-typed tasks).
+        out_config = out_model_config(config, arch_info)
         planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
-        planner._plan()
-        planned = list(planner._tensors)
-        executor = Executor([task for _, task in planned], math_device=self.device,
+        saves = tensor_save_tasks(planner)
+        executor = Executor([save.tensor_task for save in saves], math_device=self.device,
                             storage_device=self.device)
         values = dict(executor.run(quiet=True))
         tensors = {}
-        for weight, task in planned:
-            value = values.get(task)
+        for save in saves:  # what SaveTensor.execute does, minus the writer
+            value = values.get(save.tensor_task)
             if value is None:
-                if not weight.optional:
-                    raise RuntimeError(f"no value for required tensor {weight.name}")
+                if not save.optional:
+                    raise RuntimeError(f"no value for required tensor {save.tensor_name}")
                 continue
-            dtype = weight.force_dtype or config.out_dtype  # SaveTensor's cast
-            if dtype:
-                value = value.to(dtype=dtype_from_name(dtype))
-            tensors[weight.name] = value
+            if save.dtype:
+                value = value.to(dtype=dtype_from_name(save.dtype))
+            tensors[save.tensor_name] = value
         return tensors, out_config
 
     def tokenizer(self, base: str):
