@@ -301,6 +301,20 @@ def describe(entry: dict) -> str:
             f"λ={s['lambda']:.2f}")
 
 
+def method_table(columns: Sequence[str], rows: List[dict], values) -> List[str]:
+    """One row per method: ``values(row)`` under ``columns``, its mean, and the
+    search minus it (paired); the search's own row in bold, without a difference."""
+    lines = ["| method | " + " | ".join(columns) + " | mean | search - this (paired) |",
+             "|---|" + "---:|" * (len(columns) + 2)]
+    for row in rows:
+        search = row["kind"] == "search"
+        name = f"**{row['name']}**" if search else row["name"]
+        diff = "" if search else f"{row['search_minus_this']['mean']:+.1f}"
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in values(row))
+                     + f" | {row['mean']:.1f} | {diff} |")
+    return lines
+
+
 def render(result: dict) -> str:
     ctx = result["context"]
     lines = [
@@ -338,14 +352,9 @@ def render(result: dict) -> str:
             f"Target (>= +{TARGET_POINTS:g} over the best mergekit method and above the recommended "
             f"preset): {verdict}.",
             "",
-            "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | search - this (paired) |",
-            "|---|" + "---:|" * (len(seeds) + 2),
         ]
-        for row in table["rows"]:
-            name = f"**{row['name']}**" if row["kind"] == "search" else row["name"]
-            diff = "" if row["kind"] == "search" else f"{row['search_minus_this']['mean']:+.1f}"
-            lines.append(f"| {name} | " + " | ".join(f"{row['by_family'][f]:.1f}" for f in table["families"])
-                         + f" | {row['mean']:.1f} | {diff} |")
+        lines += method_table([f"seed {s}" for s in seeds], table["rows"],
+                              lambda row: [row["by_family"][f] for f in table["families"]])
         lines.append("")
     both = result["both"]
     lines += [
@@ -354,14 +363,8 @@ def render(result: dict) -> str:
         "Mean of the two families' means; the difference is paired over all six (family, training "
         "seed) pairs.",
         "",
-        "| method | " + " | ".join(both["kinds"]) + " | mean | search - this (paired) |",
-        "|---|" + "---:|" * (len(both["kinds"]) + 2),
     ]
-    for row in both["rows"]:
-        name = f"**{row['name']}**" if row["kind"] == "search" else row["name"]
-        diff = "" if row["kind"] == "search" else f"{row['search_minus_this']['mean']:+.1f}"
-        lines.append(f"| {name} | " + " | ".join(f"{row['by_kind'][k]:.1f}" for k in both["kinds"])
-                     + f" | {row['mean']:.1f} | {diff} |")
+    lines += method_table(both["kinds"], both["rows"], lambda row: [row["by_kind"][k] for k in both["kinds"]])
     lines.append("")
     lines += [
         "### The chosen settings (validation)",
