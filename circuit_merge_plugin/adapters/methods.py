@@ -1,6 +1,6 @@
 """The ``circuit`` method object for whichever mergekit API is installed, and
 :func:`mergekit_api`, the one probe of that API (adapters, registration,
-tests and benchmarks all ask it).
+tests and benchmarks all ask it), and :func:`mergekit_version` for messages.
 
 Chosen by the API that is present, never by parsing version strings: mergekit
 0.1.5 has ``GroupMergeMethod``; 0.1.4 has ``MergeMethod.make_task``.
@@ -22,6 +22,17 @@ def mergekit_api() -> str:
     from mergekit.merge_methods import base
 
     return API_015 if hasattr(base, "GroupMergeMethod") else API_014
+
+
+def mergekit_version() -> str:
+    """The installed mergekit distribution's version, for messages and records
+    (``"unknown"`` without package metadata); never used to choose an API."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mergekit")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def circuit_method() -> Any:

@@ -284,19 +284,14 @@ def ensure_index(out: Path) -> None:
 
 
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     import torch
 
     from circuit_merge_plugin import __version__
+    from circuit_merge_plugin.adapters.methods import mergekit_version
 
-    try:
-        mergekit_version = version("mergekit")
-    except PackageNotFoundError:  # pragma: no cover - mergekit imported fine
-        mergekit_version = "unknown"
     return {
         "circuit-merge-plugin": __version__,
-        "mergekit": mergekit_version,
+        "mergekit": mergekit_version(),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }

@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from circuit_merge_plugin.adapters.methods import mergekit_version
 from circuit_merge_plugin.io.digest import TORCH_DTYPE_CODES, combine, record_hash
 from circuit_merge_plugin.search.evaluation import (
     TOKENIZER_FILES,
@@ -65,15 +66,6 @@ UNWRITTEN = "(circuit-merge search: merged in memory, never written)"
 
 class MergekitApiError(RuntimeError):
     """The installed mergekit lacks a call the search's trial merge needs."""
-
-
-def mergekit_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mergekit")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _missing(what: str) -> MergekitApiError:
